@@ -1,0 +1,71 @@
+"""The command line: LightningCLI with the rollout stage as its own config section.
+
+`python -m cipo_lightning {fit,validate,test} --config FILE [--section.key value ...]` with sections `trainer`,
+`model` (CIPOModule), `data` (RolloutDataModule) and `rollout` (RolloutCallback: engine and sampling). Every
+setting's help text comes from the typed signatures and docstrings (`--print_config`, `--help`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+from cipo_lightning.data import RolloutDataModule
+from cipo_lightning.errors import ConfigError
+from cipo_lightning.module import CIPOModule
+from cipo_lightning.rollout import RolloutCallback
+
+
+def default_loggers(root_dir: str) -> list[Logger]:
+    """metrics.csv and a wandb run, both under `root_dir` (metrics.csv in root_dir/version_N/).
+
+    wandb runs offline unless WANDB_MODE says otherwise (`online` to sync live, `disabled` to skip it).
+    """
+    offline = os.environ.get("WANDB_MODE", "offline") == "offline"
+    return [
+        CSVLogger(save_dir=root_dir, name=""),
+        WandbLogger(save_dir=root_dir, offline=offline, project="cipo_lightning"),
+    ]
+
+
+class CIPOLightningCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(RolloutCallback, "rollout", required=True)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        # Lightning's default `logger: true` becomes our default pair, placed under the run's default_root_dir so
+        # `--trainer.default_root_dir` moves metrics, config and checkpoints together.
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") in (None, True):
+            kwargs.setdefault("logger", default_loggers(trainer_config.get("default_root_dir") or "runs"))
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        CIPOLightningCLI(
+            CIPOModule,
+            RolloutDataModule,
+            args=args,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    except Exception as err:
+        config_error = _find_config_error(err)
+        if config_error is None:
+            raise
+        sys.exit(f"error: {config_error}")
+
+
+def _find_config_error(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind `err`, if any: jsonargparse wraps errors raised while instantiating classes."""
+    while err is not None:
+        if isinstance(err, ConfigError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None

