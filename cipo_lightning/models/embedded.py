@@ -74,7 +74,7 @@ def embedded_model_dir() -> Path:
 
 def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
     """Dequantise a GGUF checkpoint into a plain fp32 Llama folder with the tokenizer and chat template."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
@@ -85,11 +85,16 @@ def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
     config.pad_token_id = tokenizer.pad_token_id
     clean = type(loaded)(config)
     clean.load_state_dict(loaded.state_dict())
-    clean.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=config.bos_token_id,
-    )
-    clean.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_model_folder(clean, tokenizer, out)
     shutil.rmtree(out / ".cache", ignore_errors=True)
+
+
+def save_model_folder(model, tokenizer, out: str | Path) -> None:
+    """Save model and tokenizer as one HF folder whose generation config stops at the tokenizer's eos token."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

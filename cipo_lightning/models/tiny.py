@@ -13,9 +13,9 @@ import torch
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, num_layers: int = 2, hidden_size: int = 128) -> str:
     """Write a random Llama with the embedded tokenizer to `out_dir` and return the folder path."""
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from cipo_lightning.models.embedded import embedded_model_dir
+    from cipo_lightning.models.embedded import embedded_model_dir, save_model_folder
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
     config = LlamaConfig(
@@ -33,12 +33,5 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, num_layers: int = 2, hi
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_model_folder(LlamaForCausalLM(config), tokenizer, out_dir)
     return str(out_dir)

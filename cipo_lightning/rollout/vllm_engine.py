@@ -32,21 +32,27 @@ class VLLMEngine(RolloutEngine):
         self,
         dtype: str = "bfloat16",
         gpu_memory_utilization: float = 0.25,
+        kv_cache_memory_gb: float | None = None,
         max_model_len: int = 1024,
         enforce_eager: bool = True,
     ) -> None:
         """
         Args:
-            dtype: dtype of the engine's weights; the trainer's weights are cast when pushed.
-            gpu_memory_utilization: share of accelerator memory for weights and KV cache. On the CPU backend it is
-                the share of NUMA node 0's memory reserved for the KV cache: 0.2-0.3 works, vLLM's 0.92 does not.
-            max_model_len: longest prompt + completion the engine accepts (sizes the KV cache).
-            enforce_eager: skip graph capture; faster start-up, which matters for short runs and tests.
+            dtype: dtype of the engine's weights; the trainer's weights are cast when pushed. On CPUs without
+                avx512_bf16, float32 generates about 3x faster than bfloat16 (vLLM falls back to plain torch linear).
+            gpu_memory_utilization: share of accelerator memory for weights and KV cache (colocated with training,
+                so leave room for it). On the CPU backend it is a share of the machine's memory: 0.2-0.3 works,
+                vLLM's 0.92 does not. Ignored when kv_cache_memory_gb is set.
+            kv_cache_memory_gb: reserve exactly this much for the KV cache instead (skips vLLM's memory profiling,
+                so the engine starts faster); a good choice on CPUs.
+            max_model_len: longest prompt + completion the engine accepts.
+            enforce_eager: skip graph capture and torch.compile; faster start-up, which matters for short runs.
         """
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(f"rollout.engine: VLLMEngine needs vLLM, which is not installed; {_INSTALL_HINT}")
         self.dtype = dtype
         self.gpu_memory_utilization = gpu_memory_utilization
+        self.kv_cache_memory_gb = kv_cache_memory_gb
         self.max_model_len = max_model_len
         self.enforce_eager = enforce_eager
         self.llm = None
@@ -55,21 +61,28 @@ class VLLMEngine(RolloutEngine):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
+        memory = (
+            {"kv_cache_memory_bytes": int(self.kv_cache_memory_gb * 2**30)}
+            if self.kv_cache_memory_gb is not None
+            else {"gpu_memory_utilization": self.gpu_memory_utilization}
+        )
         try:
             self.llm = LLM(
                 model=model_path,
                 dtype=self.dtype,
-                gpu_memory_utilization=self.gpu_memory_utilization,
                 max_model_len=self.max_model_len,
                 enforce_eager=self.enforce_eager,
                 seed=seed,
+                # Log-probs after temperature scaling: the distribution the tokens were drawn from, which is what
+                # the trainer computes (vLLM's default returns the raw, unscaled ones).
                 logprobs_mode="processed_logprobs",
+                **memory,
             )
         except Exception as err:  # vLLM raises many types; all mean the same to the user
             raise RuntimeError(
                 f"vLLM could not start on {model_path!r}: {err}. Likely settings: "
-                "rollout.engine.init_args.gpu_memory_utilization (too high for the free memory, or too low for "
-                "one sequence of max_model_len) and rollout.engine.init_args.max_model_len."
+                "rollout.engine.init_args.gpu_memory_utilization or kv_cache_memory_gb (too high for the free "
+                "memory, or too low for one sequence of max_model_len) and rollout.engine.init_args.max_model_len."
             ) from err
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:
@@ -100,4 +113,15 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
 
     def shutdown(self) -> None:
+        if self.llm is None:
+            return
+        import gc
+
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+        self.llm.llm_engine.engine_core.shutdown()
+        # reload_weights registers every module of the engine here; without clearing, a dead engine's model stays
+        # alive for the rest of the process.
+        LAYERWISE_INFO.clear()
         self.llm = None
+        gc.collect()
