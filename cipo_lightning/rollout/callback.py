@@ -56,9 +56,8 @@ class RolloutCallback(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._started:
-            self.engine.start(pl_module.model_path, seed=torch.initial_seed() % 2**31 + trainer.global_rank)
-            if hasattr(self.engine, "to"):
-                self.engine.to(pl_module.device)
+            seed = torch.initial_seed() % 2**31 + trainer.global_rank
+            self.engine.start(pl_module.model_path, seed=seed, device=pl_module.device)
             self._started = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

