@@ -72,8 +72,8 @@ class RolloutCallback(L.Callback):
         self.sync_weights(pl_module, times)
         datamodule = trainer.datamodule
         rows = datamodule.next_prompts()
-        batch, stats = self.rollout(pl_module, datamodule.task, rows, times)
-        datamodule.push(batch)
+        rollout_batch, stats = self.rollout(pl_module, datamodule.task, rows, times)
+        datamodule.push(rollout_batch)
         reward = stats.pop("train/reward_mean")
         pl_module.log("train/reward_mean", reward, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(rows))
         pl_module.log_dict(stats, on_step=True, on_epoch=False, batch_size=len(rows))
