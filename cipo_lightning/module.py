@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor
 
 from cipo_lightning.algorithms import (
-    clipped_surrogate,
-    group_advantages,
-    k3_kl,
+    Aggregation,
+    PolicyLoss,
+    compute_advantages,
+    kl_penalty,
     masked_sum,
+    policy_token_loss,
     sampled_token_logprobs_and_entropy,
+    token_weights,
 )
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.models import EMBEDDED_MODEL, resolve_model_path
@@ -39,8 +42,14 @@ class CIPOModule(L.LightningModule):
         warmup_steps: int = 0,
         max_grad_norm: float = 1.0,
         beta: float = 0.0,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+        advantage_estimator: Literal["grpo", "rloo"] = "grpo",
+        advantage_scale: Literal["group", "batch", "none"] = "group",
+        policy_loss: PolicyLoss = "ppo",
         clip_eps_low: float = 0.2,
         clip_eps_high: float = 0.28,
+        dual_clip: float | None = None,
+        loss_aggregation: Aggregation = "token_mean",
         micro_batch_size: int = 8,
         gradient_checkpointing: bool = True,
     ) -> None:
@@ -51,9 +60,19 @@ class CIPOModule(L.LightningModule):
             weight_decay: AdamW weight decay.
             warmup_steps: linear learning-rate warm-up, in optimizer steps.
             max_grad_norm: clip the global gradient norm to this (0 disables clipping; the norm is still logged).
-            beta: coefficient of the k3 KL penalty to the frozen reference; 0 skips loading the reference.
+            beta: coefficient of the KL penalty to the frozen reference; 0 skips loading the reference.
+            kl_estimator: per-token KL estimate: k1 (logp - ref), k2 ((logp - ref)^2 / 2) or k3 (non-negative).
+            advantage_estimator: grpo (reward minus group mean, scaled by advantage_scale) or rloo (reward minus
+                the mean of the other samples of the prompt, unscaled).
+            advantage_scale: divide grpo advantages by the group's std (GRPO), the batch's std, or none (Dr. GRPO).
+            policy_loss: ppo (token-level ratio, clipped surrogate), gspo (sequence-level ratio; use clip ranges
+                around 3e-4 / 4e-4) or cispo (clipped, detached importance weight times log-prob).
             clip_eps_low: lower clip range of the importance ratio (1 - eps_low).
             clip_eps_high: upper clip range of the importance ratio (1 + eps_high; > eps_low is DAPO's clip-higher).
+            dual_clip: dual-clip constant c > 1: the loss of a negative-advantage token is at most -c * A (None: off).
+            loss_aggregation: token_mean (DAPO: mean over all completion tokens of the batch),
+                seq_mean_token_mean (GRPO: mean per completion, then over completions) or seq_mean_token_sum_norm
+                (Dr. GRPO: token sums over a constant length, rollout.max_new_tokens, then mean over completions).
             micro_batch_size: completions per forward/backward pass; gradients accumulate to the same result.
             gradient_checkpointing: recompute activations in backward to save memory.
         """
@@ -65,6 +84,8 @@ class CIPOModule(L.LightningModule):
         }.items():
             if value < 0:
                 raise ConfigError(f"model.{key} must be >= 0, got {value}")
+        if dual_clip is not None and dual_clip <= 1:
+            raise ConfigError(f"model.dual_clip must be > 1 (or null), got {dual_clip}")
         if micro_batch_size < 1:
             raise ConfigError(f"model.micro_batch_size must be >= 1, got {micro_batch_size}")
         self.save_hyperparameters()
@@ -140,40 +161,49 @@ class CIPOModule(L.LightningModule):
     def accumulate_policy_gradient(self, batch: RolloutBatch, backward: Callable[[Tensor], None]) -> dict[str, float]:
         """Backpropagate the batch's loss micro-batch by micro-batch; return the loss and token statistics.
 
-        Loss: token-mean over all completion tokens of the batch (the normaliser is fixed before splitting, so the
-        gradient does not depend on micro_batch_size) of the clipped surrogate plus beta * k3 KL. With one update
-        per rollout batch the old policy is the current one (ratio 1, as in TRL with num_iterations=1).
+        Advantages and per-token weights (the aggregation) are computed once for the whole batch before it is split,
+        so the gradient does not depend on micro_batch_size. With one update per rollout batch the old policy is the
+        current one (ratio 1, as in TRL with num_iterations=1).
         """
-        advantages = group_advantages(batch.rewards, batch.group_ids)
-        num_tokens = batch.completion_mask.sum().clamp(min=1)
-        totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "logp_mismatch": 0.0}
-        for start in range(0, len(batch), self.hparams.micro_batch_size):
-            stop = start + self.hparams.micro_batch_size
+        hp = self.hparams
+        advantages = compute_advantages(batch.rewards, batch.group_ids, hp.advantage_estimator, hp.advantage_scale)
+        full_mask = batch.completion_mask
+        num_tokens = int(full_mask.sum().item())
+        weights = token_weights(full_mask, hp.loss_aggregation, len(batch), num_tokens, batch.max_completion_len)
+        totals = dict.fromkeys(("loss", "kl", "clip_frac_low", "clip_frac_high", "entropy", "logp_mismatch"), 0.0)
+        for start in range(0, len(batch), hp.micro_batch_size):
+            stop = start + hp.micro_batch_size
             micro = batch.rows(start, stop)
             mask = micro.completion_mask
             logprobs, entropy = self.token_logprobs(self.policy, micro)
-            token_loss, clipped = clipped_surrogate(
+            token_loss, clip_low, clip_high = policy_token_loss(
+                hp.policy_loss,
                 logprobs,
                 logprobs.detach(),
                 advantages[start:stop, None],
-                self.hparams.clip_eps_low,
-                self.hparams.clip_eps_high,
+                mask,
+                hp.clip_eps_low,
+                hp.clip_eps_high,
+                hp.dual_clip,
             )
             if self.reference is not None:
                 with torch.no_grad():
                     ref_logprobs, _ = self.token_logprobs(self.reference, micro)
-                kl = k3_kl(logprobs, ref_logprobs)
-                token_loss = token_loss + self.hparams.beta * kl
+                kl = kl_penalty(logprobs, ref_logprobs, hp.kl_estimator)
+                token_loss = token_loss + hp.beta * kl
                 totals["kl"] += masked_sum(kl.detach(), mask).item()
-            loss = masked_sum(token_loss, mask) / num_tokens
+            loss = masked_sum(token_loss, weights[start:stop, : mask.shape[1]])
             backward(loss)
             totals["loss"] += loss.item()
-            totals["clip_frac"] += masked_sum(clipped, mask).item()
+            totals["clip_frac_low"] += masked_sum(clip_low, mask).item()
+            totals["clip_frac_high"] += masked_sum(clip_high, mask).item()
             totals["entropy"] += masked_sum(entropy, mask).item()
             totals["logp_mismatch"] += masked_sum((logprobs.detach() - micro.engine_logprobs).abs(), mask).item()
-        count = num_tokens.item()
+        count = max(num_tokens, 1)
         metrics = {"train/loss": totals["loss"]}
-        metrics.update({f"train/{key}": totals[key] / count for key in ("clip_frac", "entropy", "logp_mismatch")})
+        per_token = ("clip_frac_low", "clip_frac_high", "entropy", "logp_mismatch")
+        metrics.update({f"train/{key}": totals[key] / count for key in per_token})
+        metrics["train/clip_frac"] = metrics["train/clip_frac_low"] + metrics["train/clip_frac_high"]
         if self.reference is not None:
             metrics["train/kl"] = totals["kl"] / count
         return metrics

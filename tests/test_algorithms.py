@@ -2,14 +2,19 @@
 
 import math
 
+import pytest
 import torch
 
 from cipo_lightning.algorithms import (
+    cispo_loss,
     clipped_surrogate,
     group_advantages,
-    k3_kl,
+    kl_penalty,
     masked_sum,
+    rloo_advantages,
     sampled_token_logprobs_and_entropy,
+    sequence_log_ratio,
+    token_weights,
 )
 
 
@@ -35,29 +40,96 @@ def test_clipped_surrogate_by_hand():
     logp = torch.tensor([[0.0, 0.5, -0.5, 0.5, -0.5]])
     old = torch.zeros_like(logp)
     adv = torch.tensor([[2.0, 1.0, 1.0, -1.0, -1.0]])
-    loss, clipped = clipped_surrogate(logp, old, adv, eps_low=0.2, eps_high=0.28)
+    loss, clip_low, clip_high = clipped_surrogate(logp - old, adv, eps_low=0.2, eps_high=0.28)
     r_hi, r_lo = math.exp(0.5), math.exp(-0.5)
     # A > 0: -min(r A, clip(r) A): r = 1.65 clipped to 1.28; r = 0.61 not clipped (min picks r A).
     # A < 0: r = 1.65 -> -min(-1.65, -1.28) = 1.65 (unclipped); r = 0.61 -> -min(-0.61, -0.8) = 0.8 (clipped).
     expected = torch.tensor([[-2.0, -1.28, -r_lo, r_hi, 0.8]])
     assert torch.allclose(loss, expected, atol=1e-6)
-    assert clipped.tolist() == [[0.0, 1.0, 0.0, 0.0, 1.0]]
+    assert clip_high.tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0]]
+    assert clip_low.tolist() == [[0.0, 0.0, 0.0, 0.0, 1.0]]
+
+
+def test_dual_clip_bounds_negative_advantage_loss():
+    # ratio e^2 = 7.39 with A = -1: PPO loss 7.39; dual clip c = 3 caps it at 3. Positive advantages are untouched.
+    log_ratio = torch.tensor([[2.0, 2.0]])
+    adv = torch.tensor([[-1.0, 1.0]])
+    plain, _, _ = clipped_surrogate(log_ratio, adv, 0.2, 0.28)
+    dual, _, _ = clipped_surrogate(log_ratio, adv, 0.2, 0.28, dual_clip=3.0)
+    assert torch.allclose(plain, torch.tensor([[math.exp(2.0), -1.28]]))
+    assert torch.allclose(dual, torch.tensor([[3.0, -1.28]]))
 
 
 def test_clipped_surrogate_gradient_vanishes_only_where_clipped():
     logp = torch.tensor([[0.0, 0.5, -0.5]], requires_grad=True)
-    loss, _ = clipped_surrogate(logp, torch.zeros(1, 3), torch.ones(1, 3), eps_low=0.2, eps_high=0.28)
+    loss, _, _ = clipped_surrogate(logp, torch.ones(1, 3), eps_low=0.2, eps_high=0.28)
     loss.sum().backward()
     # d(-r A)/dlogp = -r A where unclipped; 0 where clipped.
     assert torch.allclose(logp.grad, torch.tensor([[-1.0, 0.0, -math.exp(-0.5)]]))
 
 
-def test_k3_kl_by_hand():
+def test_kl_estimators_by_hand():
     logp = torch.tensor([-1.0, -2.0, -0.5])
     ref = torch.tensor([-1.0, -1.0, -1.5])
-    # d = ref - logp = [0, 1, -1]; k3 = e^d - d - 1.
-    expected = torch.tensor([0.0, math.e - 2.0, math.exp(-1.0)])
-    assert torch.allclose(k3_kl(logp, ref), expected)
+    # d = logp - ref = [0, -1, 1]; k1 = d; k2 = d^2 / 2; k3 = e^-d + d - 1.
+    assert torch.allclose(kl_penalty(logp, ref, "k1"), torch.tensor([0.0, -1.0, 1.0]))
+    assert torch.allclose(kl_penalty(logp, ref, "k2"), torch.tensor([0.0, 0.5, 0.5]))
+    assert torch.allclose(kl_penalty(logp, ref, "k3"), torch.tensor([0.0, math.e - 2.0, math.exp(-1.0)]))
+
+
+def test_group_advantages_batch_and_no_scaling():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    # Centred: [0.5, -0.5, 0, 0]. Batch std (unbiased) of [1, 0, 1, 1] = sqrt(0.25) = 0.5.
+    assert torch.allclose(group_advantages(rewards, groups, "none"), torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    assert torch.allclose(group_advantages(rewards, groups, "batch", eps=0.0), torch.tensor([1.0, -1.0, 0.0, 0.0]))
+
+
+def test_rloo_matches_leave_one_out_loop():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.9, 7.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])
+    expected = []
+    for i in range(6):
+        others = [rewards[j].item() for j in range(6) if groups[j] == groups[i] and j != i]
+        expected.append(rewards[i].item() - sum(others) / len(others) if others else 0.0)
+    assert torch.allclose(rloo_advantages(rewards, groups), torch.tensor(expected))
+
+
+def test_sequence_log_ratio_is_the_mean_in_value_and_the_token_in_gradient():
+    logp = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding
+    log_ratio = sequence_log_ratio(logp, old, mask)
+    assert torch.allclose(log_ratio, torch.full((1, 3), 0.25))  # (0.5 + 0) / 2
+    (log_ratio * torch.tensor([[1.0, 2.0, 3.0]])).sum().backward()
+    assert torch.allclose(logp.grad, torch.tensor([[1.0, 2.0, 3.0]]))
+
+
+def test_cispo_by_hand():
+    logp = torch.tensor([[0.5, -0.5, 0.1]], requires_grad=True)
+    adv = torch.tensor([[1.0, 2.0, -1.0]])
+    loss, clip_low, clip_high = cispo_loss(logp, torch.zeros(1, 3), adv, eps_low=0.2, eps_high=0.28)
+    # Weights clip(e^0.5 = 1.65 -> 1.28), clip(e^-0.5 = 0.61 -> 0.8), e^0.1 = 1.105 unclipped; loss = -w * A * logp.
+    w = [1.28, 0.8, math.exp(0.1)]
+    assert torch.allclose(loss, torch.tensor([[-w[0] * 0.5, -w[1] * 2 * -0.5, w[2] * 0.1]]))
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-w[0], -2 * w[1], w[2]]]))  # the weight is detached
+    assert clip_high.tolist() == [[1.0, 0.0, 0.0]] and clip_low.tolist() == [[0.0, 1.0, 0.0]]
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        # Lengths 1 and 3, 4 tokens, 2 sequences, max_len 5.
+        ("token_mean", [[0.25, 0.0, 0.0], [0.25, 0.25, 0.25]]),
+        ("seq_mean_token_mean", [[0.5, 0.0, 0.0], [1 / 6, 1 / 6, 1 / 6]]),
+        ("seq_mean_token_sum_norm", [[0.1, 0.0, 0.0], [0.1, 0.1, 0.1]]),
+    ],
+)
+def test_token_weights_by_hand(mode, expected):
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    weights = token_weights(mask, mode, num_sequences=2, num_tokens=4, max_len=5)
+    assert torch.allclose(weights, torch.tensor(expected))
 
 
 def test_sampled_token_logprobs_and_entropy_match_naive_loop():

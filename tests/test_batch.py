@@ -8,7 +8,9 @@ from cipo_lightning.rollout import Sample, collate_rollouts
 def _batch():
     prompts = [[5, 6, 7], [8]]
     samples = [Sample([1, 2], [-0.1, -0.2], truncated=False), Sample([3, 4, 9, 2], [-1.0, -2.0, -3.0, -4.0], False)]
-    return collate_rollouts(prompts, samples, rewards=[1.0, 0.0], group_ids=[0, 0], pad_token_id=0, temperature=0.5)
+    return collate_rollouts(
+        prompts, samples, rewards=[1.0, 0.0], group_ids=[0, 0], pad_token_id=0, temperature=0.5, max_completion_len=8
+    )
 
 
 def test_collate_layout():

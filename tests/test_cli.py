@@ -36,7 +36,8 @@ def test_print_config_shows_every_section_with_defaults():
     result = _run("fit", "--config", "configs/quickstart.yaml", "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
     for expected in ("model: SmolLM2-135M-Instruct", "clip_eps_high: 0.28", "group_size: 8", "VLLMEngine",
-                     "ReasoningGymTask", "prompts_per_step: 4"):  # fmt: skip
+                     "ReasoningGymTask", "prompts_per_step: 4", "loss_aggregation: token_mean", "policy_loss: ppo",
+                     "advantage_estimator: grpo", "kl_estimator: k3"):  # fmt: skip
         assert expected in result.stdout, expected
 
 
@@ -45,6 +46,7 @@ def test_help_documents_settings():
     assert result.returncode == 0
     assert "AdamW learning rate" in result.stdout
     assert "completions sampled per prompt" in result.stdout
+    assert "Dr. GRPO" in result.stdout and "dual-clip" in result.stdout
 
 
 def test_unknown_model_path():

@@ -15,8 +15,9 @@ def _fixed_batch(temperature: float = 1.0):
     prompts = [[1, 9690, 198], [1, 4093], [1, 4093, 198, 6004], [1, 520]]
     completions = [[42], [43, 44], [45, 46, 47], [48, 2]]
     samples = [Sample(c, [0.0] * len(c), truncated=False) for c in completions]
+    rewards, groups = [1.0, 0.0, 0.0, 0.0], [0, 0, 0, 0]
     return collate_rollouts(
-        prompts, samples, [1.0, 0.0, 0.0, 0.0], [0, 0, 0, 0], pad_token_id=2, temperature=temperature
+        prompts, samples, rewards, groups, pad_token_id=2, temperature=temperature, max_completion_len=4
     )
 
 
@@ -35,7 +36,28 @@ def test_loss_of_fixed_batch_equals_hand_value(module):
     assert metrics["train/clip_frac"] == 0.0
 
 
-def test_gradient_does_not_depend_on_micro_batch_size(module):
+@pytest.mark.parametrize(
+    ("aggregation", "expected"),
+    [
+        # -sum_i(A_i * len_i) / 8 tokens (above).
+        ("token_mean", 0.25),
+        # Mean over each completion of -A_i, then over completions: -mean(A) = 0 for group-centred advantages.
+        ("seq_mean_token_mean", 0.0),
+        # -sum_i(A_i * len_i) / (max_len 4 * 4 completions) = 2 / 16.
+        ("seq_mean_token_sum_norm", 0.125),
+    ],
+)
+def test_loss_of_fixed_batch_by_aggregation(module, aggregation, expected):
+    module.hparams.loss_aggregation = aggregation
+    metrics = module.accumulate_policy_gradient(_fixed_batch(), backward=lambda loss: None)
+    assert metrics["train/loss"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("policy_loss", ["ppo", "gspo", "cispo"])
+def test_gradient_does_not_depend_on_micro_batch_size(module, aggregation, policy_loss):
+    module.hparams.loss_aggregation = aggregation
+    module.hparams.policy_loss = policy_loss
     batch = _fixed_batch(temperature=0.7)
     grads = []
     for micro_batch_size in (4, 1, 3):

@@ -1,18 +1,31 @@
 """The RL objective as pure tensor functions: no Lightning, no models, unit-tested against hand-computed values."""
 
-from cipo_lightning.algorithms.advantages import group_advantages, group_stats
+from cipo_lightning.algorithms.advantages import compute_advantages, group_advantages, group_stats, rloo_advantages
+from cipo_lightning.algorithms.aggregation import Aggregation, token_weights
 from cipo_lightning.algorithms.losses import (
+    PolicyLoss,
+    cispo_loss,
     clipped_surrogate,
-    k3_kl,
+    kl_penalty,
     masked_sum,
+    policy_token_loss,
     sampled_token_logprobs_and_entropy,
+    sequence_log_ratio,
 )
 
 __all__ = [
+    "Aggregation",
+    "cispo_loss",
     "clipped_surrogate",
+    "compute_advantages",
     "group_advantages",
     "group_stats",
-    "k3_kl",
+    "kl_penalty",
+    "PolicyLoss",
     "masked_sum",
+    "policy_token_loss",
+    "rloo_advantages",
     "sampled_token_logprobs_and_entropy",
+    "sequence_log_ratio",
+    "token_weights",
 ]

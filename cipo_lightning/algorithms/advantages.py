@@ -1,10 +1,15 @@
-"""Group-relative advantages (GRPO): each completion is scored against the other samples of the same prompt.
+"""Advantages: each completion is scored against the other samples of the same prompt.
+
+GRPO: (r - group mean), divided by the group's std (GRPO), the batch's std, or nothing (Dr. GRPO).
+RLOO: r minus the mean of the *other* samples of the group (leave-one-out baseline, unscaled).
 
 Groups are given by an id per completion rather than a fixed group size, because one batch mixes groups of different
 sizes (base groups of G and, under CIPO, correction groups of G_c).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -25,7 +30,35 @@ def group_stats(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Ten
     return means[index], std[index], counts[index]
 
 
-def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
-    """A_i = (r_i - mean_group) / (std_group + eps); zero for every member of a zero-variance group."""
+def group_advantages(
+    rewards: Tensor, group_ids: Tensor, scale: Literal["group", "batch", "none"] = "group", eps: float = 1e-6
+) -> Tensor:
+    """A_i = (r_i - mean_group) / (s + eps), s the group's std, the batch's std, or 1 ("none", Dr. GRPO).
+
+    Zero for every member of a zero-variance group, whatever the scale.
+    """
     mean, std, _ = group_stats(rewards, group_ids)
-    return ((rewards - mean) / (std + eps)).to(torch.float32)
+    centred = rewards - mean
+    if scale == "group":
+        centred = centred / (std + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.to(torch.float64).std() + eps)
+    return centred.to(torch.float32)
+
+
+def rloo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """A_i = r_i - mean_{j != i} r_j over i's group = G / (G - 1) * (r_i - mean_group); 0 in a group of one."""
+    mean, _, count = group_stats(rewards, group_ids)
+    return (count / (count - 1).clamp(min=1) * (rewards - mean) * (count > 1)).to(torch.float32)
+
+
+def compute_advantages(
+    rewards: Tensor,
+    group_ids: Tensor,
+    estimator: Literal["grpo", "rloo"] = "grpo",
+    scale: Literal["group", "batch", "none"] = "group",
+) -> Tensor:
+    """Per-completion advantages by the configured estimator (`scale` applies to grpo)."""
+    if estimator == "rloo":
+        return rloo_advantages(rewards, group_ids)
+    return group_advantages(rewards, group_ids, scale)

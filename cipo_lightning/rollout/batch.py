@@ -27,6 +27,7 @@ class RolloutBatch:
     group_ids: Tensor  # [rows], completions of one prompt share an id
     prompt_width: int
     temperature: float
+    max_completion_len: int  # the sampling limit (max_new_tokens): Dr. GRPO's constant length normaliser
 
     @property
     def completion_ids(self) -> Tensor:
@@ -60,6 +61,7 @@ class RolloutBatch:
             group_ids=self.group_ids[start:stop],
             prompt_width=self.prompt_width - first,
             temperature=self.temperature,
+            max_completion_len=self.max_completion_len,
         )
 
 
@@ -70,6 +72,7 @@ def collate_rollouts(
     group_ids: list[int],
     pad_token_id: int,
     temperature: float,
+    max_completion_len: int,
 ) -> RolloutBatch:
     """One row per sample; `prompts[i]` is the prompt of `samples[i]`."""
     prompt_width = max(len(p) for p in prompts)
@@ -95,4 +98,5 @@ def collate_rollouts(
         group_ids=torch.tensor(group_ids, dtype=torch.long),
         prompt_width=prompt_width,
         temperature=temperature,
+        max_completion_len=max_completion_len,
     )

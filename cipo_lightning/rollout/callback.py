@@ -118,6 +118,7 @@ class RolloutCallback(L.Callback):
             group_ids=[i // self.group_size for i in range(len(samples))],
             pad_token_id=tokenizer.pad_token_id,
             temperature=self.temperature,
+            max_completion_len=self.max_new_tokens,
         )
         return batch, {**rollout_stats(batch, samples), **times}
 
