@@ -22,9 +22,11 @@ from cipo_lightning.algorithms import (
     compute_advantages,
     kl_penalty,
     masked_sum,
+    overlong_penalty,
     policy_token_loss,
     sampled_token_logprobs_and_entropy,
     token_weights,
+    truncated_is_weights,
 )
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.models import EMBEDDED_MODEL, resolve_model_path
@@ -50,6 +52,13 @@ class CIPOModule(L.LightningModule):
         clip_eps_high: float = 0.28,
         dual_clip: float | None = None,
         loss_aggregation: Aggregation = "token_mean",
+        updates_per_batch: int = 1,
+        rollout_is: Literal["none", "token", "sequence"] = "none",
+        rollout_is_cap: float = 2.0,
+        entropy_coef: float = 0.0,
+        mask_truncated: bool = False,
+        overlong_buffer: int = 0,
+        overlong_penalty_factor: float = 1.0,
         micro_batch_size: int = 8,
         gradient_checkpointing: bool = True,
     ) -> None:
@@ -73,6 +82,17 @@ class CIPOModule(L.LightningModule):
             loss_aggregation: token_mean (DAPO: mean over all completion tokens of the batch),
                 seq_mean_token_mean (GRPO: mean per completion, then over completions) or seq_mean_token_sum_norm
                 (Dr. GRPO: token sums over a constant length, rollout.max_new_tokens, then mean over completions).
+            updates_per_batch: optimizer steps per rollout batch (PPO's mu). Above 1, the old log-probs are the
+                policy's before the first update and the clip ranges bound how far it moves. trainer.max_steps
+                counts optimizer steps, so one RL step uses this many of them.
+            rollout_is: truncated importance-sampling correction for the engine/trainer mismatch: "token" or
+                "sequence" weights min(exp(trainer old logp - engine logp), rollout_is_cap) per token; "none": off.
+            rollout_is_cap: the truncation cap of rollout_is weights.
+            entropy_coef: entropy bonus coefficient (the loss subtracts entropy_coef * token entropy).
+            mask_truncated: train on no token of completions cut at rollout.max_new_tokens.
+            overlong_buffer: DAPO's soft overlong penalty: rewards fall linearly by up to overlong_penalty_factor
+                over the last overlong_buffer tokens before rollout.max_new_tokens (0: off).
+            overlong_penalty_factor: the largest overlong penalty.
             micro_batch_size: completions per forward/backward pass; gradients accumulate to the same result.
             gradient_checkpointing: recompute activations in backward to save memory.
         """
@@ -84,6 +104,8 @@ class CIPOModule(L.LightningModule):
         }.items():
             if value < 0:
                 raise ConfigError(f"model.{key} must be >= 0, got {value}")
+        if updates_per_batch < 1:
+            raise ConfigError(f"model.updates_per_batch must be >= 1, got {updates_per_batch}")
         if dual_clip is not None and dual_clip <= 1:
             raise ConfigError(f"model.dual_clip must be > 1 (or null), got {dual_clip}")
         if micro_batch_size < 1:
@@ -147,69 +169,109 @@ class CIPOModule(L.LightningModule):
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = self.accumulate_policy_gradient(batch, self.manual_backward)
-        max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
-        metrics["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
-        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        self.policy_version += 1
+        # Several updates per batch need the behaviour policy's log-probs fixed before the first one moves it.
+        old_logprobs = self.completion_logprobs(batch) if self.hparams.updates_per_batch > 1 else None
+        for _ in range(self.hparams.updates_per_batch):
+            optimizer.zero_grad(set_to_none=True)
+            metrics = self.accumulate_policy_gradient(batch, self.manual_backward, old_logprobs)
+            max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
+            metrics["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
+            metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            self.policy_version += 1
         metrics["time/optim"] = time.perf_counter() - start
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
 
-    def accumulate_policy_gradient(self, batch: RolloutBatch, backward: Callable[[Tensor], None]) -> dict[str, float]:
+    @torch.no_grad()
+    def completion_logprobs(self, batch: RolloutBatch) -> Tensor:
+        """The policy's log-probs of every completion token of the batch, [rows, completion_width]."""
+        out = torch.zeros_like(batch.engine_logprobs)
+        for start in range(0, len(batch), self.hparams.micro_batch_size):
+            micro = batch.rows(start, start + self.hparams.micro_batch_size)
+            logprobs, _ = self.token_logprobs(self.policy, micro)
+            out[start : start + len(micro), : logprobs.shape[1]] = logprobs
+        return out
+
+    def accumulate_policy_gradient(
+        self, batch: RolloutBatch, backward: Callable[[Tensor], None], old_logprobs: Tensor | None = None
+    ) -> dict[str, float]:
         """Backpropagate the batch's loss micro-batch by micro-batch; return the loss and token statistics.
 
         Advantages and per-token weights (the aggregation) are computed once for the whole batch before it is split,
-        so the gradient does not depend on micro_batch_size. With one update per rollout batch the old policy is the
-        current one (ratio 1, as in TRL with num_iterations=1).
+        so the gradient does not depend on micro_batch_size. Without `old_logprobs` (one update per rollout batch)
+        the old policy is the current one (ratio 1, as in TRL with num_iterations=1).
         """
         hp = self.hparams
-        advantages = compute_advantages(batch.rewards, batch.group_ids, hp.advantage_estimator, hp.advantage_scale)
         full_mask = batch.completion_mask
+        lengths = full_mask.sum(-1)
+        rewards = batch.rewards + overlong_penalty(
+            lengths, batch.max_completion_len, hp.overlong_buffer, hp.overlong_penalty_factor
+        )
+        advantages = compute_advantages(rewards, batch.group_ids, hp.advantage_estimator, hp.advantage_scale)
+        if hp.mask_truncated:
+            full_mask = full_mask * (~batch.truncated)[:, None]
         num_tokens = int(full_mask.sum().item())
         weights = token_weights(full_mask, hp.loss_aggregation, len(batch), num_tokens, batch.max_completion_len)
-        totals = dict.fromkeys(("loss", "kl", "clip_frac_low", "clip_frac_high", "entropy", "logp_mismatch"), 0.0)
+        totals = dict.fromkeys(
+            ("loss", "kl", "clip_frac_low", "clip_frac_high", "entropy", "logp_mismatch", "is_weight"), 0.0
+        )
+        maxima = {"logp_mismatch_max": 0.0, "is_weight_max": 0.0}
         for start in range(0, len(batch), hp.micro_batch_size):
             stop = start + hp.micro_batch_size
             micro = batch.rows(start, stop)
-            mask = micro.completion_mask
-            logprobs, entropy = self.token_logprobs(self.policy, micro)
+            width = micro.completion_mask.shape[1]
+            mask = full_mask[start:stop, :width]
+            logprobs, entropy = self.token_logprobs(self.policy, micro, entropy_grad=hp.entropy_coef > 0)
+            old = old_logprobs[start:stop, :width] if old_logprobs is not None else logprobs.detach()
             token_loss, clip_low, clip_high = policy_token_loss(
                 hp.policy_loss,
                 logprobs,
-                logprobs.detach(),
+                old,
                 advantages[start:stop, None],
                 mask,
                 hp.clip_eps_low,
                 hp.clip_eps_high,
                 hp.dual_clip,
             )
+            if hp.rollout_is != "none":
+                is_weights = truncated_is_weights(old, micro.engine_logprobs, mask, hp.rollout_is, hp.rollout_is_cap)
+                token_loss = token_loss * is_weights
+                totals["is_weight"] += masked_sum(is_weights, mask).item()
+                maxima["is_weight_max"] = max(maxima["is_weight_max"], (is_weights * mask).max().item())
+            if hp.entropy_coef > 0:
+                token_loss = token_loss - hp.entropy_coef * entropy
             if self.reference is not None:
                 with torch.no_grad():
                     ref_logprobs, _ = self.token_logprobs(self.reference, micro)
                 kl = kl_penalty(logprobs, ref_logprobs, hp.kl_estimator)
                 token_loss = token_loss + hp.beta * kl
                 totals["kl"] += masked_sum(kl.detach(), mask).item()
-            loss = masked_sum(token_loss, weights[start:stop, : mask.shape[1]])
+            loss = masked_sum(token_loss, weights[start:stop, :width])
             backward(loss)
             totals["loss"] += loss.item()
             totals["clip_frac_low"] += masked_sum(clip_low, mask).item()
             totals["clip_frac_high"] += masked_sum(clip_high, mask).item()
-            totals["entropy"] += masked_sum(entropy, mask).item()
-            totals["logp_mismatch"] += masked_sum((logprobs.detach() - micro.engine_logprobs).abs(), mask).item()
+            totals["entropy"] += masked_sum(entropy.detach(), mask).item()
+            mismatch = (old - micro.engine_logprobs).abs() * mask
+            totals["logp_mismatch"] += mismatch.sum().item()
+            maxima["logp_mismatch_max"] = max(maxima["logp_mismatch_max"], mismatch.max().item())
         count = max(num_tokens, 1)
-        metrics = {"train/loss": totals["loss"]}
+        metrics = {"train/loss": totals["loss"], "train/logp_mismatch_max": maxima["logp_mismatch_max"]}
         per_token = ("clip_frac_low", "clip_frac_high", "entropy", "logp_mismatch")
         metrics.update({f"train/{key}": totals[key] / count for key in per_token})
         metrics["train/clip_frac"] = metrics["train/clip_frac_low"] + metrics["train/clip_frac_high"]
         if self.reference is not None:
             metrics["train/kl"] = totals["kl"] / count
+        if hp.rollout_is != "none":
+            metrics["train/is_weight_mean"] = totals["is_weight"] / count
+            metrics["train/is_weight_max"] = maxima["is_weight_max"]
         return metrics
 
     @staticmethod
-    def token_logprobs(model: torch.nn.Module, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+    def token_logprobs(
+        model: torch.nn.Module, batch: RolloutBatch, entropy_grad: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Log-probs and entropies of the completion tokens under `model`, [rows, completion_width]."""
         width = batch.completion_mask.shape[1]
         logits = model(
@@ -219,7 +281,7 @@ class CIPOModule(L.LightningModule):
             logits_to_keep=width + 1,
             use_cache=False,
         ).logits[:, :-1]
-        return sampled_token_logprobs_and_entropy(logits, batch.completion_ids, batch.temperature)
+        return sampled_token_logprobs_and_entropy(logits, batch.completion_ids, batch.temperature, entropy_grad)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}

@@ -11,10 +11,12 @@ from cipo_lightning.algorithms import (
     group_advantages,
     kl_penalty,
     masked_sum,
+    overlong_penalty,
     rloo_advantages,
     sampled_token_logprobs_and_entropy,
     sequence_log_ratio,
     token_weights,
+    truncated_is_weights,
 )
 
 
@@ -148,3 +150,31 @@ def test_sampled_token_logprobs_and_entropy_match_naive_loop():
 
 def test_masked_sum():
     assert masked_sum(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 0.0], [1.0, 1.0]])).item() == 8.0
+
+
+def test_truncated_is_weights_by_hand():
+    trainer = torch.tensor([[-1.0, -1.0, -2.0], [-0.5, -0.5, 0.0]])
+    engine = torch.tensor([[-1.5, -0.5, -2.0], [-1.0, -2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # Per token: exp(trainer - engine) = [e^0.5, e^-0.5, 1], [e^0.5, e^1.5 -> cap 2, masked].
+    token = truncated_is_weights(trainer, engine, mask, "token", cap=2.0)
+    assert torch.allclose(token, torch.tensor([[math.exp(0.5), math.exp(-0.5), 1.0], [math.exp(0.5), 2.0, 0.0]]))
+    # Per sequence: exp(0.5 - 0.5 + 0) = 1 for row 0; exp(0.5 + 1.5) = e^2 -> cap 2 for row 1.
+    sequence = truncated_is_weights(trainer, engine, mask, "sequence", cap=2.0)
+    assert torch.allclose(sequence, torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]]))
+
+
+def test_overlong_penalty_by_hand():
+    lengths = torch.tensor([10, 12, 14, 15, 16])
+    # max 16, buffer 4: free up to 12, then -(length - 12) / 4.
+    assert torch.allclose(overlong_penalty(lengths, 16, 4), torch.tensor([0.0, 0.0, -0.5, -0.75, -1.0]))
+    assert torch.allclose(overlong_penalty(lengths, 16, 0), torch.zeros(5))
+
+
+def test_entropy_carries_gradient_only_on_request():
+    logits = torch.randn(1, 2, 5, requires_grad=True)
+    tokens = torch.tensor([[0, 3]])
+    _, detached = sampled_token_logprobs_and_entropy(logits, tokens, 1.0)
+    _, live = sampled_token_logprobs_and_entropy(logits, tokens, 1.0, entropy_grad=True)
+    assert not detached.requires_grad and live.requires_grad
+    assert torch.allclose(detached, live.detach())

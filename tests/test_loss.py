@@ -9,12 +9,12 @@ from cipo_lightning.module import CIPOModule
 from cipo_lightning.rollout import Sample, collate_rollouts
 
 
-def _fixed_batch(temperature: float = 1.0):
+def _fixed_batch(temperature: float = 1.0, truncated: tuple[bool, ...] = (False,) * 4):
     # One group of 4: rewards [1, 0, 0, 0] -> advantages [1.5, -0.5, -0.5, -0.5] (mean 0.25, unbiased std 0.5).
     # Completion lengths 1, 2, 3, 2 -> 8 tokens.
     prompts = [[1, 9690, 198], [1, 4093], [1, 4093, 198, 6004], [1, 520]]
     completions = [[42], [43, 44], [45, 46, 47], [48, 2]]
-    samples = [Sample(c, [0.0] * len(c), truncated=False) for c in completions]
+    samples = [Sample(c, [0.0] * len(c), truncated=t) for c, t in zip(completions, truncated, strict=True)]
     rewards, groups = [1.0, 0.0, 0.0, 0.0], [0, 0, 0, 0]
     return collate_rollouts(
         prompts, samples, rewards, groups, pad_token_id=2, temperature=temperature, max_completion_len=4
@@ -81,3 +81,33 @@ def test_kl_term_is_zero_when_policy_equals_reference(tiny_model):
 
 def test_reference_not_loaded_when_beta_is_zero(module):
     assert module.reference is None
+
+
+def test_masking_truncated_completions(module):
+    # The length-3 completion (A = -0.5) is truncated and masked: -(1.5 * 1 - 0.5 * 2 - 0.5 * 2) / 5 tokens = 0.1.
+    module.hparams.mask_truncated = True
+    metrics = module.accumulate_policy_gradient(_fixed_batch(truncated=(False, False, True, False)), lambda loss: None)
+    assert metrics["train/loss"] == pytest.approx(0.1, abs=1e-6)
+
+
+def test_several_updates_per_batch_use_the_behaviour_policy(module):
+    batch = _fixed_batch(temperature=0.7)
+    old = module.completion_logprobs(batch)
+    # Before any update the behaviour policy is the current one: the hand value holds.
+    first = module.accumulate_policy_gradient(batch, lambda loss: loss.backward(), old)
+    assert first["train/loss"] == pytest.approx(0.25, abs=1e-5)
+    optimizer = torch.optim.SGD(module.policy.parameters(), lr=50.0)
+    optimizer.step()
+    module.policy.zero_grad()
+    # After a step the ratio to the behaviour policy moves away from 1 and the clip starts to act.
+    second = module.accumulate_policy_gradient(batch, lambda loss: None, old)
+    assert second["train/loss"] != pytest.approx(0.25, abs=1e-3)
+    assert second["train/clip_frac"] > 0
+
+
+def test_rollout_is_weights_are_logged(module):
+    module.hparams.rollout_is = "token"
+    metrics = module.accumulate_policy_gradient(_fixed_batch(), lambda loss: None)
+    # Engine log-probs of the fixed batch are 0, so every weight is min(exp(logp), 2) = p(token) < 1.
+    assert 0 < metrics["train/is_weight_mean"] < 1 and metrics["train/is_weight_max"] < 1
+    assert metrics["train/logp_mismatch_max"] > 0

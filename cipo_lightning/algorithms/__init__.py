@@ -8,9 +8,11 @@ from cipo_lightning.algorithms.losses import (
     clipped_surrogate,
     kl_penalty,
     masked_sum,
+    overlong_penalty,
     policy_token_loss,
     sampled_token_logprobs_and_entropy,
     sequence_log_ratio,
+    truncated_is_weights,
 )
 
 __all__ = [
@@ -23,9 +25,11 @@ __all__ = [
     "kl_penalty",
     "PolicyLoss",
     "masked_sum",
+    "overlong_penalty",
     "policy_token_loss",
     "rloo_advantages",
     "sampled_token_logprobs_and_entropy",
     "sequence_log_ratio",
     "token_weights",
+    "truncated_is_weights",
 ]

@@ -13,16 +13,19 @@ import torch
 from torch import Tensor
 
 
-def sampled_token_logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """log p(token) under softmax(logits / T), and the (detached) entropy of that distribution, per position.
+def sampled_token_logprobs_and_entropy(
+    logits: Tensor, tokens: Tensor, temperature: float, entropy_grad: bool = False
+) -> tuple[Tensor, Tensor]:
+    """log p(token) under softmax(logits / T), and the entropy of that distribution, per position.
 
     Logits are divided by the sampling temperature so the trainer scores tokens under the distribution the engine
     sampled from, as TRL and verl do. logsumexp instead of log_softmax avoids a second [rows, tokens, vocab] tensor.
+    The entropy is detached unless `entropy_grad` (an entropy bonus needs its gradient).
     """
     logits = logits.float() / temperature
     lse = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return logprobs, entropy
 
@@ -111,3 +114,26 @@ def policy_token_loss(
         return cispo_loss(logprobs, old_logprobs, advantages, eps_low, eps_high)
     log_ratio = sequence_log_ratio(logprobs, old_logprobs, mask) if kind == "gspo" else logprobs - old_logprobs
     return clipped_surrogate(log_ratio, advantages, eps_low, eps_high, dual_clip)
+
+
+def truncated_is_weights(
+    trainer_logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor, level: Literal["token", "sequence"], cap: float
+) -> Tensor:
+    """Truncated importance weights that correct for the engine sampling from a slightly different distribution.
+
+    The engine (other kernels, other precision) is the behaviour policy; the trainer's old log-probs are the policy
+    the surrogate assumes. Per token: min(exp(old - engine), cap); per sequence: min(exp(sum_t(old - engine)), cap)
+    for every token of the sequence. Detached: a weight, not a path for gradients.
+    """
+    delta = (trainer_logprobs - engine_logprobs).detach() * mask
+    if level == "sequence":
+        delta = delta.sum(-1, keepdim=True).expand_as(delta)
+    return torch.exp(delta).clamp(max=cap) * mask
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment: 0 up to max_len - buffer, then falling linearly to -factor at max_len."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    excess = (lengths.float() - (max_len - buffer)).clamp(min=0)
+    return -factor * (excess / buffer).clamp(max=1.0)

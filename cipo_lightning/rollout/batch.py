@@ -24,6 +24,7 @@ class RolloutBatch:
     completion_mask: Tensor  # [rows, completion_width], 1 on trainable completion tokens
     engine_logprobs: Tensor  # [rows, completion_width], the engine's log-prob of each sampled token
     rewards: Tensor  # [rows]
+    truncated: Tensor  # [rows], bool: the completion hit the sampling limit before its stop token
     group_ids: Tensor  # [rows], completions of one prompt share an id
     prompt_width: int
     temperature: float
@@ -58,6 +59,7 @@ class RolloutBatch:
             completion_mask=self.completion_mask[start:stop, :completion_last],
             engine_logprobs=self.engine_logprobs[start:stop, :completion_last],
             rewards=self.rewards[start:stop],
+            truncated=self.truncated[start:stop],
             group_ids=self.group_ids[start:stop],
             prompt_width=self.prompt_width - first,
             temperature=self.temperature,
@@ -95,6 +97,7 @@ def collate_rollouts(
         completion_mask=completion_mask,
         engine_logprobs=engine_logprobs,
         rewards=torch.tensor(rewards, dtype=torch.float32),
+        truncated=torch.tensor([s.truncated for s in samples], dtype=torch.bool),
         group_ids=torch.tensor(group_ids, dtype=torch.long),
         prompt_width=prompt_width,
         temperature=temperature,
