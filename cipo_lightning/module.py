@@ -199,8 +199,9 @@ class CIPOModule(L.LightningModule):
         """Backpropagate the batch's loss micro-batch by micro-batch; return the loss and token statistics.
 
         Advantages and per-token weights (the aggregation) are computed once for the whole batch before it is split,
-        so the gradient does not depend on micro_batch_size. Without `old_logprobs` (one update per rollout batch)
-        the old policy is the current one (ratio 1, as in TRL with num_iterations=1).
+        from counts summed over data-parallel ranks, so the gradient is the same whether the batch is processed
+        whole, in micro-batches or across ranks. Without `old_logprobs` (one update per rollout batch) the old
+        policy is the current one (ratio 1, as in TRL with num_iterations=1).
         """
         hp = self.hparams
         full_mask = batch.completion_mask
@@ -208,11 +209,21 @@ class CIPOModule(L.LightningModule):
         rewards = batch.rewards + overlong_penalty(
             lengths, batch.max_completion_len, hp.overlong_buffer, hp.overlong_penalty_factor
         )
-        advantages = compute_advantages(rewards, batch.group_ids, hp.advantage_estimator, hp.advantage_scale)
         if hp.mask_truncated:
             full_mask = full_mask * (~batch.truncated)[:, None]
         num_tokens = int(full_mask.sum().item())
-        weights = token_weights(full_mask, hp.loss_aggregation, len(batch), num_tokens, batch.max_completion_len)
+        local = torch.stack(
+            [torch.tensor(len(batch)), full_mask.sum().cpu(), rewards.sum().cpu(), (rewards**2).sum().cpu()]
+        )
+        (global_rows, global_tokens, reward_sum, reward_sq_sum), world_size = _sum_over_ranks(local.double())
+        batch_std = torch.sqrt((reward_sq_sum - reward_sum**2 / global_rows) / (global_rows - 1).clamp(min=1))
+        advantages = compute_advantages(
+            rewards, batch.group_ids, hp.advantage_estimator, hp.advantage_scale, batch_std.to(rewards.device)
+        )
+        # Data-parallel training averages gradients over ranks; the weights already divide by global counts.
+        weights = world_size * token_weights(
+            full_mask, hp.loss_aggregation, int(global_rows), int(global_tokens), batch.max_completion_len
+        )
         totals = dict.fromkeys(
             ("loss", "kl", "clip_frac_low", "clip_frac_high", "entropy", "logp_mismatch", "is_weight"), 0.0
         )
@@ -249,7 +260,7 @@ class CIPOModule(L.LightningModule):
                 totals["kl"] += masked_sum(kl.detach(), mask).item()
             loss = masked_sum(token_loss, weights[start:stop, :width])
             backward(loss)
-            totals["loss"] += loss.item()
+            totals["loss"] += loss.item() / world_size
             totals["clip_frac_low"] += masked_sum(clip_low, mask).item()
             totals["clip_frac_high"] += masked_sum(clip_high, mask).item()
             totals["entropy"] += masked_sum(entropy.detach(), mask).item()
@@ -289,3 +300,13 @@ class CIPOModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.policy_version = checkpoint.get("policy_version", 0)
+
+
+def _sum_over_ranks(values: Tensor) -> tuple[Tensor, int]:
+    """`values` summed over data-parallel ranks (as is without a process group), and the number of ranks."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        values = values.to(device)
+        torch.distributed.all_reduce(values)
+        return values.cpu(), torch.distributed.get_world_size()
+    return values, 1

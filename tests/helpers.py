@@ -15,3 +15,10 @@ class ParityReward:
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> list[float]:
         return [float(len(c) % 2 == 0) for c in completions]
+
+
+class HalfInformativeReward:
+    """ParityReward for problems with an odd answer, 0.0 for every completion of the others (zero-variance groups)."""
+
+    def __call__(self, prompts: list[str], completions: list[str], answer: list[str], **_: list[Any]) -> list[float]:
+        return [float(len(c) % 2 == 0) if int(a) % 2 else 0.0 for c, a in zip(completions, answer, strict=True)]

@@ -83,3 +83,17 @@ def test_vllm_engine_without_vllm_installed():
 def test_group_size_below_two():
     result = _run("fit", "--config", "configs/quickstart.yaml", "--rollout.group_size", "1")
     _assert_one_line_error(result, "rollout.group_size")
+
+
+def test_composed_reward_in_config(tmp_path):
+    config = tmp_path / "reward.yaml"
+    config.write_text(
+        "data:\n  task:\n    class_path: cipo_lightning.data.ReasoningGymTask\n    init_args:\n      reward:\n"
+        "        class_path: cipo_lightning.rewards.WeightedSum\n        init_args:\n          rewards:\n"
+        "            - class_path: cipo_lightning.rewards.ReasoningGymReward\n"
+        "              init_args: {dataset: basic_arithmetic}\n"
+        "            - class_path: tests.helpers.ParityReward\n          weights: [1.0, 0.1]\n"
+    )
+    result = _run("fit", "--config", "configs/quickstart.yaml", "--config", str(config), "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cipo_lightning.rewards.WeightedSum" in result.stdout and "partial_credit: false" in result.stdout

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from cipo_lightning.data import ReasoningGymTask, RolloutDataModule
 from cipo_lightning.module import CIPOModule
 from cipo_lightning.rollout import HFEngine, RolloutCallback
-from tests.helpers import ParityReward
+from tests.helpers import HalfInformativeReward, ParityReward
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,11 +40,11 @@ class _StaleCallback(RolloutCallback):
         times["time/weight_sync"] = 0.0
 
 
-def _fit_hf(tiny_model: str, callback_class=RolloutCallback, steps: int = 2):
+def _fit_hf(tiny_model: str, callback_class=RolloutCallback, steps: int = 2, reward=None, **callback_args):
     module = CIPOModule(model=tiny_model, learning_rate=1e-2, micro_batch_size=4, gradient_checkpointing=False)
-    task = ReasoningGymTask(train_size=64, val_size=8, reward=ParityReward())
+    task = ReasoningGymTask(train_size=64, val_size=8, reward=reward or ParityReward())
     datamodule = RolloutDataModule(task, prompts_per_step=2)
-    callback = callback_class(HFEngine(), group_size=4, max_new_tokens=8, temperature=1.0)
+    callback = callback_class(HFEngine(), group_size=4, max_new_tokens=8, temperature=1.0, **callback_args)
     logged = []
 
     class Recorder(L.Callback):
@@ -77,6 +77,16 @@ def test_stale_engine_is_detected(tiny_model):
     _, _, logged = _fit_hf(tiny_model, callback_class=_StaleCallback, steps=3)
     assert logged[0]["train/logp_mismatch"] < 1e-4  # first step: engine and policy both hold the start weights
     assert max(step["train/logp_mismatch"] for step in logged[1:]) > 1e-2
+
+
+def test_dynamic_sampling_trains_only_on_informative_groups(tiny_model):
+    reward = HalfInformativeReward()
+    _, _, plain = _fit_hf(tiny_model, steps=3, reward=reward)
+    _, _, dynamic = _fit_hf(tiny_model, steps=3, reward=reward, dynamic_sampling=True, max_generation_rounds=5)
+    assert max(step["train/zero_variance_frac"] for step in plain) > 0  # the reward does make dead groups
+    assert all(step["train/zero_variance_frac"] == 0 for step in dynamic)
+    assert any(step["train/generation_rounds"] > 1 for step in dynamic)
+    assert all(0 < step["train/informative_group_frac"] <= 1 for step in dynamic)
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, float]]:

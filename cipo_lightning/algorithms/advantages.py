@@ -31,18 +31,24 @@ def group_stats(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Ten
 
 
 def group_advantages(
-    rewards: Tensor, group_ids: Tensor, scale: Literal["group", "batch", "none"] = "group", eps: float = 1e-6
+    rewards: Tensor,
+    group_ids: Tensor,
+    scale: Literal["group", "batch", "none"] = "group",
+    eps: float = 1e-6,
+    batch_std: Tensor | None = None,
 ) -> Tensor:
     """A_i = (r_i - mean_group) / (s + eps), s the group's std, the batch's std, or 1 ("none", Dr. GRPO).
 
-    Zero for every member of a zero-variance group, whatever the scale.
+    Zero for every member of a zero-variance group, whatever the scale. `batch_std` overrides the std of `rewards`
+    for scale "batch" (under data parallelism: the std over every rank's rewards).
     """
     mean, std, _ = group_stats(rewards, group_ids)
     centred = rewards - mean
     if scale == "group":
         centred = centred / (std + eps)
     elif scale == "batch":
-        centred = centred / (rewards.to(torch.float64).std() + eps)
+        std = rewards.to(torch.float64).std() if batch_std is None else batch_std
+        centred = centred / (std + eps)
     return centred.to(torch.float32)
 
 
@@ -57,8 +63,9 @@ def compute_advantages(
     group_ids: Tensor,
     estimator: Literal["grpo", "rloo"] = "grpo",
     scale: Literal["group", "batch", "none"] = "group",
+    batch_std: Tensor | None = None,
 ) -> Tensor:
-    """Per-completion advantages by the configured estimator (`scale` applies to grpo)."""
+    """Per-completion advantages by the configured estimator (`scale` and `batch_std` apply to grpo)."""
     if estimator == "rloo":
         return rloo_advantages(rewards, group_ids)
-    return group_advantages(rewards, group_ids, scale)
+    return group_advantages(rewards, group_ids, scale, batch_std=batch_std)

@@ -1,6 +1,7 @@
 """Verifiers: callables `fn(prompts, completions, **columns) -> list[float]`, dataset columns passed by name."""
 
 from cipo_lightning.rewards.base import RewardFunction
+from cipo_lightning.rewards.combine import WeightedSum
 from cipo_lightning.rewards.reasoning_gym import ReasoningGymReward
 
-__all__ = ["ReasoningGymReward", "RewardFunction"]
+__all__ = ["ReasoningGymReward", "RewardFunction", "WeightedSum"]

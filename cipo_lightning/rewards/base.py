@@ -1,13 +1,15 @@
-"""The reward function contract shared by every verifier."""
+"""The reward function contract shared by every verifier.
+
+A reward function scores completions: `fn(prompts: list[str], completions: list[str], **columns) -> list[float]`,
+one float per completion. Dataset columns of each completion's row arrive by name, as lists aligned with
+`completions`; a verifier reads the columns it needs and ignores the rest (`**columns`).
+
+The type is a plain Callable rather than a Protocol: jsonargparse checks a Protocol's exact signature, which would
+reject verifiers that name the columns they read (`answer`, `test`, ...).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
 
-
-@runtime_checkable
-class RewardFunction(Protocol):
-    """Scores completions: one float per completion. Dataset columns of each completion's row arrive by name, as
-    lists aligned with `completions`; a verifier reads the columns it needs and ignores the rest (`**columns`)."""
-
-    def __call__(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> list[float]: ...
+RewardFunction = Callable[..., list[float]]

@@ -1,0 +1,69 @@
+"""Gradient equivalence: one batch whole, in micro-batches, and split across 2 CPU ranks (gloo) give one gradient.
+
+The ranks mimic DistributedDataParallel: each backpropagates its own share of the groups, then gradients are
+averaged over ranks. The module's weights use global counts (and the global reward std for batch scaling), so the
+average equals the single-process gradient for every aggregation mode.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cipo_lightning.module import CIPOModule
+from cipo_lightning.rollout import Sample, collate_rollouts
+
+SETTINGS = [
+    {"loss_aggregation": "token_mean"},
+    {"loss_aggregation": "seq_mean_token_mean"},
+    {"loss_aggregation": "seq_mean_token_sum_norm"},
+    {"loss_aggregation": "token_mean", "advantage_scale": "batch"},
+]
+
+
+def _batch():
+    # Two groups of four with different rewards and lengths; rank r gets group r.
+    prompts = [[1, 9690, 198], [1, 4093], [1, 4093, 198, 6004], [1, 520]] * 2
+    completions = [[42], [43, 44], [45, 46, 47], [48, 2], [50, 51, 52, 53], [54], [55, 56], [57, 58, 59]]
+    samples = [Sample(c, [0.0] * len(c), truncated=False) for c in completions]
+    rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.5]
+    return collate_rollouts(prompts, samples, rewards, [0] * 4 + [1] * 4, 2, temperature=0.7, max_completion_len=6)
+
+
+def _gradient(module: CIPOModule, batch, settings: dict) -> torch.Tensor:
+    module.hparams.update(settings)
+    module.policy.zero_grad()
+    module.accumulate_policy_gradient(batch, backward=lambda loss: loss.backward())
+    return torch.cat([p.grad.flatten() for p in module.policy.parameters()])
+
+
+def _module(model_dir: str, micro_batch_size: int) -> CIPOModule:
+    module = CIPOModule(model=model_dir, micro_batch_size=micro_batch_size, gradient_checkpointing=False)
+    module.configure_model()
+    return module
+
+
+def _rank(rank: int, model_dir: str, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    module = _module(model_dir, micro_batch_size=4)
+    grads = []
+    for settings in SETTINGS:
+        grad = _gradient(module, _batch().rows(4 * rank, 4 * rank + 4), settings)
+        dist.all_reduce(grad)
+        grads.append(grad / 2)  # DDP averages gradients over ranks
+    if rank == 0:
+        torch.save(grads, out_file)
+    dist.destroy_process_group()
+
+
+def test_gradient_is_the_same_whole_in_micro_batches_and_across_ranks(tiny_model, tmp_path):
+    out_file = tmp_path / "grads.pt"
+    mp.spawn(_rank, args=(tiny_model, str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
+    across_ranks = torch.load(out_file)
+    whole_module, micro_module = _module(tiny_model, micro_batch_size=8), _module(tiny_model, micro_batch_size=3)
+    for settings, distributed in zip(SETTINGS, across_ranks, strict=True):
+        whole = _gradient(whole_module, _batch(), settings)
+        micro = _gradient(micro_module, _batch(), settings)
+        assert whole.norm() > 0, settings
+        for other in (micro, distributed):
+            # Equal up to float32 rounding (padding widths and summation order differ).
+            assert (other - whole).norm() / whole.norm() < 1e-4, settings
