@@ -2,6 +2,14 @@
 
 from cipo_lightning.algorithms.advantages import compute_advantages, group_advantages, group_stats, rloo_advantages
 from cipo_lightning.algorithms.aggregation import Aggregation, token_weights
+from cipo_lightning.algorithms.cipo import (
+    Anchor,
+    correction_messages,
+    retention,
+    select_anchors,
+    shape_correction_rewards,
+    update_rho,
+)
 from cipo_lightning.algorithms.losses import (
     PolicyLoss,
     cispo_loss,
@@ -17,6 +25,12 @@ from cipo_lightning.algorithms.losses import (
 
 __all__ = [
     "Aggregation",
+    "Anchor",
+    "correction_messages",
+    "retention",
+    "select_anchors",
+    "shape_correction_rewards",
+    "update_rho",
     "cispo_loss",
     "clipped_surrogate",
     "compute_advantages",

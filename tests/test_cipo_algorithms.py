@@ -1,0 +1,90 @@
+"""CIPO's anchor selection, risk shaping and replay-ratio update against hand-computed expectations."""
+
+import random
+
+import pytest
+import torch
+
+from cipo_lightning.algorithms.cipo import (
+    correction_messages,
+    retention,
+    select_anchors,
+    shape_correction_rewards,
+    update_rho,
+)
+
+# Pass rates 1.0, 0.25, 0.0, 0.5: groups 1 and 3 lie in the default band [0.25, 0.75].
+GROUPS = [[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_in_band_prompts_are_preferred(seed):
+    anchors = select_anchors(GROUPS, num_anchors=2, rho=0.5, rng=random.Random(seed))
+    assert {a.group for a in anchors} == {1, 3}
+    assert all(a.in_band for a in anchors)
+    assert sorted(a.correct for a in anchors) == [False, True]
+    for a in anchors:  # the chosen sample has the kind it claims
+        assert (GROUPS[a.group][a.sample] == 1.0) == a.correct
+
+
+def test_fallback_outside_the_band_and_kind_refill():
+    anchors = select_anchors(GROUPS, num_anchors=4, rho=0.5, rng=random.Random(0))
+    # 2 correct are taken from the band (groups 1, 3); failed ones then exist only in group 2 (group 0 has none),
+    # so the fourth place goes to a correct anchor from group 0: 3 correct, 1 failed, every prompt once.
+    assert sorted(a.group for a in anchors) == [0, 1, 2, 3]
+    assert sum(a.correct for a in anchors) == 3
+    assert {a.group for a in anchors if not a.in_band} == {0, 2}
+
+
+def test_rho_sets_the_mix():
+    groups = [[1.0, 0.0]] * 10
+    anchors = select_anchors(groups, num_anchors=10, rho=0.3)
+    assert sum(a.correct for a in anchors) == 3 and sum(not a.correct for a in anchors) == 7
+    assert sorted(a.group for a in anchors) == list(range(10))
+
+
+def test_at_most_one_anchor_per_prompt_by_default():
+    groups = [[1.0, 0.0, 1.0, 0.0]] * 2
+    assert len(select_anchors(groups, num_anchors=4, rho=0.5)) == 2
+    anchors = select_anchors(groups, num_anchors=4, rho=0.5, max_per_prompt=2)
+    assert len(anchors) == 4 and len({(a.group, a.sample) for a in anchors}) == 4
+
+
+def test_risk_shaping_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    anchors = torch.tensor([1.0, 1.0, 0.0, 0.0])  # c->c, c->i, i->i, i->c
+    assert torch.equal(shape_correction_rewards(rewards, anchors, lambda_risk=1.0), torch.tensor([1.0, -1.0, 0.0, 1.0]))
+    # Improvement bonus 0.5 * (r - r_anchor): 0, -0.5, 0, +0.5.
+    shaped = shape_correction_rewards(rewards, anchors, lambda_risk=1.0, alpha=0.5)
+    assert torch.equal(shaped, torch.tensor([1.0, -1.5, 0.0, 1.5]))
+
+
+def test_retention_by_hand():
+    anchors = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    corrections = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert retention(anchors, corrections) == pytest.approx(2 / 3)
+    assert retention(torch.zeros(3), torch.ones(3)) is None
+
+
+def test_rho_update_by_hand():
+    # 0.3 * (1 + 0.8 * (0.8 - 0.5) + 0.3 * (0.7 - 0.5)) = 0.3 * 1.30 = 0.39.
+    assert update_rho(0.3, 0.5, 0.7) == pytest.approx(0.39)
+    # Retention rose: no drop term. 0.3 * (1 + 0.8 * (0.8 - 0.9)) = 0.276.
+    assert update_rho(0.3, 0.9, 0.5) == pytest.approx(0.276)
+    assert update_rho(0.7, 0.0, None) == 0.8  # 0.7 * 1.64 = 1.148, clipped to rho_max
+    assert update_rho(0.2, 1.0, 1.0) == 0.2  # 0.2 * 0.84 = 0.168, clipped to rho_min
+    assert update_rho(0.35, None, 0.9) == 0.35  # no correct anchor this step: no update
+
+
+def test_correction_messages_show_problem_and_attempt_without_verdict():
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
+    messages = correction_messages(prompt, "The answer is 6.")
+    assert messages[0] == prompt[0] and messages[1]["role"] == "user" and len(messages) == 2
+    text = messages[1]["content"]
+    assert "What is 2 + 3?" in text and "The answer is 6." in text
+    for verdict in ("incorrect", "attempt is wrong", "attempt is correct", "attempt is right", "wrong answer"):
+        assert verdict not in text.lower()
+    custom = correction_messages(prompt[1:], "5", template="Q: {problem}\nA: {attempt}\nCheck it.")
+    assert custom == [{"role": "user", "content": "Q: What is 2 + 3?\nA: 5\nCheck it."}]
+    with pytest.raises(ValueError, match="problem"):
+        correction_messages(prompt, "5", template="no fields")
