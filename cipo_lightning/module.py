@@ -212,10 +212,10 @@ class CIPOModule(L.LightningModule):
         if hp.mask_truncated:
             full_mask = full_mask * (~batch.truncated)[:, None]
         num_tokens = int(full_mask.sum().item())
-        local = torch.stack(
-            [torch.tensor(len(batch)), full_mask.sum().cpu(), rewards.sum().cpu(), (rewards**2).sum().cpu()]
+        local = torch.tensor(
+            [len(batch), num_tokens, rewards.sum().item(), (rewards**2).sum().item()], dtype=torch.float64
         )
-        (global_rows, global_tokens, reward_sum, reward_sq_sum), world_size = _sum_over_ranks(local.double())
+        (global_rows, global_tokens, reward_sum, reward_sq_sum), world_size = _sum_over_ranks(local)
         batch_std = torch.sqrt((reward_sq_sum - reward_sum**2 / global_rows) / (global_rows - 1).clamp(min=1))
         advantages = compute_advantages(
             rewards, batch.group_ids, hp.advantage_estimator, hp.advantage_scale, batch_std.to(rewards.device)
