@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -31,6 +31,16 @@ from cipo_lightning.algorithms import (
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.models import EMBEDDED_MODEL, resolve_model_path
 from cipo_lightning.rollout.batch import RolloutBatch
+
+
+class LossTargets(NamedTuple):
+    """Per-batch inputs of the loss, fixed before the batch is split (see CIPOModule.loss_targets)."""
+
+    advantages: Tensor  # [rows]
+    mask: Tensor  # [rows, completion_width], trained tokens
+    weights: Tensor  # [rows, completion_width], aggregation weights with global normalisers
+    num_tokens: int  # trained tokens on this rank
+    world_size: int
 
 
 class CIPOModule(L.LightningModule):
@@ -171,9 +181,10 @@ class CIPOModule(L.LightningModule):
         start = time.perf_counter()
         # Several updates per batch need the behaviour policy's log-probs fixed before the first one moves it.
         old_logprobs = self.completion_logprobs(batch) if self.hparams.updates_per_batch > 1 else None
+        targets = self.loss_targets(batch)
         for _ in range(self.hparams.updates_per_batch):
             optimizer.zero_grad(set_to_none=True)
-            metrics = self.accumulate_policy_gradient(batch, self.manual_backward, old_logprobs)
+            metrics = self.accumulate_policy_gradient(batch, self.manual_backward, old_logprobs, targets)
             max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
             metrics["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
             metrics["train/lr"] = optimizer.param_groups[0]["lr"]
@@ -193,25 +204,20 @@ class CIPOModule(L.LightningModule):
             out[start : start + len(micro), : logprobs.shape[1]] = logprobs
         return out
 
-    def accumulate_policy_gradient(
-        self, batch: RolloutBatch, backward: Callable[[Tensor], None], old_logprobs: Tensor | None = None
-    ) -> dict[str, float]:
-        """Backpropagate the batch's loss micro-batch by micro-batch; return the loss and token statistics.
+    def loss_targets(self, batch: RolloutBatch) -> LossTargets:
+        """What the loss needs from the whole batch before it is split: advantages, trained-token mask, token weights.
 
-        Advantages and per-token weights (the aggregation) are computed once for the whole batch before it is split,
-        from counts summed over data-parallel ranks, so the gradient is the same whether the batch is processed
-        whole, in micro-batches or across ranks. Without `old_logprobs` (one update per rollout batch) the old
-        policy is the current one (ratio 1, as in TRL with num_iterations=1).
+        Counts and the reward std are summed over data-parallel ranks, so the gradient is the same whether the batch
+        is processed whole, in micro-batches or across ranks. Computed once per rollout batch, not per update.
         """
         hp = self.hparams
-        full_mask = batch.completion_mask
-        lengths = full_mask.sum(-1)
+        mask = batch.completion_mask
         rewards = batch.rewards + overlong_penalty(
-            lengths, batch.max_completion_len, hp.overlong_buffer, hp.overlong_penalty_factor
+            mask.sum(-1), batch.max_completion_len, hp.overlong_buffer, hp.overlong_penalty_factor
         )
         if hp.mask_truncated:
-            full_mask = full_mask * (~batch.truncated)[:, None]
-        num_tokens = int(full_mask.sum().item())
+            mask = mask * (~batch.truncated)[:, None]
+        num_tokens = int(mask.sum().item())
         local = torch.tensor(
             [len(batch), num_tokens, rewards.sum().item(), (rewards**2).sum().item()], dtype=torch.float64
         )
@@ -222,8 +228,24 @@ class CIPOModule(L.LightningModule):
         )
         # Data-parallel training averages gradients over ranks; the weights already divide by global counts.
         weights = world_size * token_weights(
-            full_mask, hp.loss_aggregation, int(global_rows), int(global_tokens), batch.max_completion_len
+            mask, hp.loss_aggregation, int(global_rows), int(global_tokens), batch.max_completion_len
         )
+        return LossTargets(advantages, mask, weights, num_tokens, world_size)
+
+    def accumulate_policy_gradient(
+        self,
+        batch: RolloutBatch,
+        backward: Callable[[Tensor], None],
+        old_logprobs: Tensor | None = None,
+        targets: LossTargets | None = None,
+    ) -> dict[str, float]:
+        """Backpropagate the batch's loss micro-batch by micro-batch; return the loss and token statistics.
+
+        `targets` (from loss_targets) are computed here when not given. Without `old_logprobs` (one update per
+        rollout batch) the old policy is the current one (ratio 1, as in TRL with num_iterations=1).
+        """
+        hp = self.hparams
+        advantages, full_mask, weights, num_tokens, world_size = targets or self.loss_targets(batch)
         totals = dict.fromkeys(
             ("loss", "kl", "clip_frac_low", "clip_frac_high", "entropy", "logp_mismatch", "is_weight"), 0.0
         )
