@@ -1,7 +1,8 @@
 """The command line: LightningCLI with the rollout stage as its own config section.
 
 `python -m cipo_lightning {fit,validate,test} --config FILE [--section.key value ...]` with sections `trainer`,
-`model` (CIPOModule), `data` (RolloutDataModule) and `rollout` (RolloutCallback: engine and sampling). Every
+`model` (CIPOModule), `data` (RolloutDataModule), `rollout` (RolloutCallback: engine, sampling, correction stream),
+`replay` (AdaptiveReplay: rho) and `shaping` (RiskShaping), plus the top-level `algorithm: cipo | grpo`. Every
 setting's help text comes from the typed signatures and docstrings (`--print_config`, `--help`).
 """
 
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
+from cipo_lightning.callbacks import AdaptiveReplay, RiskShaping
 from cipo_lightning.data import RolloutDataModule
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.module import CIPOModule
@@ -34,7 +36,17 @@ def default_loggers(root_dir: str) -> list[Logger]:
 
 class CIPOLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--algorithm",
+            type=Literal["cipo", "grpo"],
+            default="cipo",
+            help="cipo: base groups plus the correction stream; grpo: the same code with the correction stream off",
+        )
         parser.add_lightning_class_args(RolloutCallback, "rollout", required=True)
+        parser.link_arguments("algorithm", "rollout.algorithm")
+        # Always added (they act only under cipo), so one config shape serves both algorithms.
+        parser.add_lightning_class_args(AdaptiveReplay, "replay")
+        parser.add_lightning_class_args(RiskShaping, "shaping")
 
     def instantiate_trainer(self, **kwargs: Any):
         # Lightning's default `logger: true` becomes our default pair, placed under the run's default_root_dir so

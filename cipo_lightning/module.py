@@ -30,7 +30,7 @@ from cipo_lightning.algorithms import (
 )
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.models import EMBEDDED_MODEL, resolve_model_path
-from cipo_lightning.rollout.batch import RolloutBatch
+from cipo_lightning.rollout.batch import CORRECTION_STREAM, STREAM_NAMES, RolloutBatch
 
 
 class LossTargets(NamedTuple):
@@ -38,13 +38,19 @@ class LossTargets(NamedTuple):
 
     advantages: Tensor  # [rows]
     mask: Tensor  # [rows, completion_width], trained tokens
-    weights: Tensor  # [rows, completion_width], aggregation weights with global normalisers
-    num_tokens: int  # trained tokens on this rank
+    weights: Tensor  # [rows, completion_width], aggregation weights with each stream's global normalisers
+    stream_coefs: Tensor  # [rows], 1 for base rows, lambda_corr for correction rows
+    stream_tokens: Tensor  # [streams], trained tokens of each stream on this rank
     world_size: int
 
 
+# Per-stream sums accumulated over micro-batches for the step's metrics.
+_STREAM_SUMS = ("loss", "kl", "clip_frac_low", "clip_frac_high", "entropy", "logp_mismatch", "is_weight")
+
+
 class CIPOModule(L.LightningModule):
-    """Policy-gradient training of a causal LM on verifier-scored rollouts (GRPO objective)."""
+    """Policy-gradient training of a causal LM on verifier-scored rollouts: the GRPO family of objectives, applied
+    to the base stream and, under CIPO, to the correction stream with weight lambda_corr."""
 
     def __init__(
         self,
@@ -69,6 +75,7 @@ class CIPOModule(L.LightningModule):
         mask_truncated: bool = False,
         overlong_buffer: int = 0,
         overlong_penalty_factor: float = 1.0,
+        lambda_corr: float = 1.0,
         micro_batch_size: int = 8,
         gradient_checkpointing: bool = True,
     ) -> None:
@@ -103,6 +110,8 @@ class CIPOModule(L.LightningModule):
             overlong_buffer: DAPO's soft overlong penalty: rewards fall linearly by up to overlong_penalty_factor
                 over the last overlong_buffer tokens before rollout.max_new_tokens (0: off).
             overlong_penalty_factor: the largest overlong penalty.
+            lambda_corr: weight of the correction stream's loss (CIPO): L = L_base + lambda_corr * L_corr, each
+                stream normalised over its own tokens or sequences (no effect under rollout.algorithm grpo).
             micro_batch_size: completions per forward/backward pass; gradients accumulate to the same result.
             gradient_checkpointing: recompute activations in backward to save memory.
         """
@@ -111,6 +120,7 @@ class CIPOModule(L.LightningModule):
             "beta": beta,
             "clip_eps_low": clip_eps_low,
             "clip_eps_high": clip_eps_high,
+            "lambda_corr": lambda_corr,
         }.items():
             if value < 0:
                 raise ConfigError(f"model.{key} must be >= 0, got {value}")
@@ -207,8 +217,10 @@ class CIPOModule(L.LightningModule):
     def loss_targets(self, batch: RolloutBatch) -> LossTargets:
         """What the loss needs from the whole batch before it is split: advantages, trained-token mask, token weights.
 
-        Counts and the reward std are summed over data-parallel ranks, so the gradient is the same whether the batch
-        is processed whole, in micro-batches or across ranks. Computed once per rollout batch, not per update.
+        Each stream (base, correction) is normalised on its own, so L = L_base + lambda_corr * L_corr whatever the
+        streams' sizes: advantages within groups, batch std and aggregation counts per stream. Counts and reward
+        sums are summed over data-parallel ranks, so the gradient is the same whether the batch is processed whole,
+        in micro-batches or across ranks. Computed once per rollout batch, not per update.
         """
         hp = self.hparams
         mask = batch.completion_mask
@@ -217,20 +229,31 @@ class CIPOModule(L.LightningModule):
         )
         if hp.mask_truncated:
             mask = mask * (~batch.truncated)[:, None]
-        num_tokens = int(mask.sum().item())
+        in_stream = [batch.streams == stream for stream in range(len(STREAM_NAMES))]
         local = torch.tensor(
-            [len(batch), num_tokens, rewards.sum().item(), (rewards**2).sum().item()], dtype=torch.float64
+            [[rows.sum(), mask[rows].sum(), rewards[rows].sum(), (rewards[rows] ** 2).sum()] for rows in in_stream],
+            dtype=torch.float64,
         )
-        (global_rows, global_tokens, reward_sum, reward_sq_sum), world_size = _sum_over_ranks(local)
-        batch_std = torch.sqrt((reward_sq_sum - reward_sum**2 / global_rows) / (global_rows - 1).clamp(min=1))
-        advantages = compute_advantages(
-            rewards, batch.group_ids, hp.advantage_estimator, hp.advantage_scale, batch_std.to(rewards.device)
-        )
-        # Data-parallel training averages gradients over ranks; the weights already divide by global counts.
-        weights = world_size * token_weights(
-            mask, hp.loss_aggregation, int(global_rows), int(global_tokens), batch.max_completion_len
-        )
-        return LossTargets(advantages, mask, weights, num_tokens, world_size)
+        stream_tokens = local[:, 1].clone()  # before the all-reduce, which works in place
+        totals, world_size = _sum_over_ranks(local)
+        advantages, weights = torch.zeros_like(rewards), torch.zeros_like(mask)
+        for rows, (global_rows, global_tokens, reward_sum, reward_sq_sum) in zip(in_stream, totals, strict=True):
+            if not rows.any():
+                continue
+            batch_std = torch.sqrt((reward_sq_sum - reward_sum**2 / global_rows) / (global_rows - 1).clamp(min=1))
+            advantages[rows] = compute_advantages(
+                rewards[rows],
+                batch.group_ids[rows],
+                hp.advantage_estimator,
+                hp.advantage_scale,
+                batch_std.to(rewards.device),
+            )
+            # Data-parallel training averages gradients over ranks; the weights already divide by global counts.
+            weights[rows] = world_size * token_weights(
+                mask[rows], hp.loss_aggregation, int(global_rows), int(global_tokens), batch.max_completion_len
+            )
+        stream_coefs = torch.tensor([1.0, hp.lambda_corr], device=rewards.device)[batch.streams]
+        return LossTargets(advantages, mask, weights, stream_coefs, stream_tokens, world_size)
 
     def accumulate_policy_gradient(
         self,
@@ -242,19 +265,21 @@ class CIPOModule(L.LightningModule):
         """Backpropagate the batch's loss micro-batch by micro-batch; return the loss and token statistics.
 
         `targets` (from loss_targets) are computed here when not given. Without `old_logprobs` (one update per
-        rollout batch) the old policy is the current one (ratio 1, as in TRL with num_iterations=1).
+        rollout batch) the old policy is the current one (ratio 1, as in TRL with num_iterations=1). Metrics are
+        per batch and, when the batch has correction rows, per stream (train/base_loss, train/correction_kl, ...;
+        a stream's loss is before lambda_corr).
         """
         hp = self.hparams
-        advantages, full_mask, weights, num_tokens, world_size = targets or self.loss_targets(batch)
-        totals = dict.fromkeys(
-            ("loss", "kl", "clip_frac_low", "clip_frac_high", "entropy", "logp_mismatch", "is_weight"), 0.0
-        )
+        advantages, full_mask, weights, stream_coefs, stream_tokens, world_size = targets or self.loss_targets(batch)
+        sums = {key: torch.zeros(len(STREAM_NAMES), dtype=torch.float64) for key in _STREAM_SUMS}
         maxima = {"logp_mismatch_max": 0.0, "is_weight_max": 0.0}
         for start in range(0, len(batch), hp.micro_batch_size):
             stop = start + hp.micro_batch_size
             micro = batch.rows(start, stop)
             width = micro.completion_mask.shape[1]
             mask = full_mask[start:stop, :width]
+
+            streams = micro.streams
             logprobs, entropy = self.token_logprobs(self.policy, micro, entropy_grad=hp.entropy_coef > 0)
             old = old_logprobs[start:stop, :width] if old_logprobs is not None else logprobs.detach()
             token_loss, clip_low, clip_high = policy_token_loss(
@@ -270,7 +295,7 @@ class CIPOModule(L.LightningModule):
             if hp.rollout_is != "none":
                 is_weights = truncated_is_weights(old, micro.engine_logprobs, mask, hp.rollout_is, hp.rollout_is_cap)
                 token_loss = token_loss * is_weights
-                totals["is_weight"] += masked_sum(is_weights, mask).item()
+                _sum_by_stream(sums["is_weight"], is_weights, mask, streams)
                 maxima["is_weight_max"] = max(maxima["is_weight_max"], (is_weights * mask).max().item())
             if hp.entropy_coef > 0:
                 token_loss = token_loss - hp.entropy_coef * entropy
@@ -279,26 +304,44 @@ class CIPOModule(L.LightningModule):
                     ref_logprobs, _ = self.token_logprobs(self.reference, micro)
                 kl = kl_penalty(logprobs, ref_logprobs, hp.kl_estimator)
                 token_loss = token_loss + hp.beta * kl
-                totals["kl"] += masked_sum(kl.detach(), mask).item()
-            loss = masked_sum(token_loss, weights[start:stop, :width])
-            backward(loss)
-            totals["loss"] += loss.item() / world_size
-            totals["clip_frac_low"] += masked_sum(clip_low, mask).item()
-            totals["clip_frac_high"] += masked_sum(clip_high, mask).item()
-            totals["entropy"] += masked_sum(entropy.detach(), mask).item()
+                _sum_by_stream(sums["kl"], kl, mask, streams)
+            micro_weights = weights[start:stop, :width]
+            backward(masked_sum(token_loss * stream_coefs[start:stop, None], micro_weights))
+            _sum_by_stream(sums["loss"], token_loss, micro_weights / world_size, streams)
+            _sum_by_stream(sums["clip_frac_low"], clip_low, mask, streams)
+            _sum_by_stream(sums["clip_frac_high"], clip_high, mask, streams)
+            _sum_by_stream(sums["entropy"], entropy, mask, streams)
             mismatch = (old - micro.engine_logprobs).abs() * mask
-            totals["logp_mismatch"] += mismatch.sum().item()
+            _sum_by_stream(sums["logp_mismatch"], mismatch, mask, streams)
             maxima["logp_mismatch_max"] = max(maxima["logp_mismatch_max"], mismatch.max().item())
-        count = max(num_tokens, 1)
-        metrics = {"train/loss": totals["loss"], "train/logp_mismatch_max": maxima["logp_mismatch_max"]}
-        per_token = ("clip_frac_low", "clip_frac_high", "entropy", "logp_mismatch")
-        metrics.update({f"train/{key}": totals[key] / count for key in per_token})
-        metrics["train/clip_frac"] = metrics["train/clip_frac_low"] + metrics["train/clip_frac_high"]
+        return self._policy_metrics(sums, maxima, stream_tokens)
+
+    def _policy_metrics(
+        self, sums: dict[str, Tensor], maxima: dict[str, float], stream_tokens: Tensor
+    ) -> dict[str, float]:
+        """Per-token means of the accumulated sums, for the batch and (with a correction stream) per stream."""
+        hp = self.hparams
+        per_token = ["clip_frac_low", "clip_frac_high", "entropy", "logp_mismatch"]
         if self.reference is not None:
-            metrics["train/kl"] = totals["kl"] / count
+            per_token.append("kl")
+        coefs = torch.tensor([1.0, hp.lambda_corr], dtype=torch.float64)
+        tokens = max(stream_tokens.sum().item(), 1)
+        metrics = {"train/loss": (sums["loss"] * coefs).sum().item()}
+        metrics |= {f"train/{key}": sums[key].sum().item() / tokens for key in per_token}
+        metrics["train/clip_frac"] = metrics["train/clip_frac_low"] + metrics["train/clip_frac_high"]
+        metrics["train/logp_mismatch_max"] = maxima["logp_mismatch_max"]
         if hp.rollout_is != "none":
-            metrics["train/is_weight_mean"] = totals["is_weight"] / count
+            metrics["train/is_weight_mean"] = sums["is_weight"].sum().item() / tokens
             metrics["train/is_weight_max"] = maxima["is_weight_max"]
+        if stream_tokens[CORRECTION_STREAM] > 0:
+            clip = sums["clip_frac_low"] + sums["clip_frac_high"]
+            for stream, name in enumerate(STREAM_NAMES):
+                count = max(stream_tokens[stream].item(), 1)
+                metrics[f"train/{name}_loss"] = sums["loss"][stream].item()
+                metrics[f"train/{name}_clip_frac"] = clip[stream].item() / count
+                metrics[f"train/{name}_entropy"] = sums["entropy"][stream].item() / count
+                if self.reference is not None:
+                    metrics[f"train/{name}_kl"] = sums["kl"][stream].item() / count
         return metrics
 
     @staticmethod
@@ -332,3 +375,9 @@ def _sum_over_ranks(values: Tensor) -> tuple[Tensor, int]:
         torch.distributed.all_reduce(values)
         return values.cpu(), torch.distributed.get_world_size()
     return values, 1
+
+
+def _sum_by_stream(totals: Tensor, values: Tensor, weights: Tensor, streams: Tensor) -> None:
+    """Add each row's weighted sum of per-token `values` to `totals[row's stream]`, in place (for metrics)."""
+    row_sums = (values.detach() * weights).sum(-1).to(torch.float64).cpu()
+    totals.index_add_(0, streams.cpu(), row_sums)

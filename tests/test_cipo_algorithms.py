@@ -12,6 +12,8 @@ from cipo_lightning.algorithms.cipo import (
     shape_correction_rewards,
     update_rho,
 )
+from cipo_lightning.callbacks import AdaptiveReplay, RiskShaping
+from cipo_lightning.errors import ConfigError
 
 # Pass rates 1.0, 0.25, 0.0, 0.5: groups 1 and 3 lie in the default band [0.25, 0.75].
 GROUPS = [[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
@@ -41,6 +43,13 @@ def test_rho_sets_the_mix():
     anchors = select_anchors(groups, num_anchors=10, rho=0.3)
     assert sum(a.correct for a in anchors) == 3 and sum(not a.correct for a in anchors) == 7
     assert sorted(a.group for a in anchors) == list(range(10))
+
+
+def test_fractional_mix_is_rounded_stochastically():
+    # One anchor at rho 0.3: a correct one in about 30% of steps (plain rounding would give none, ever).
+    groups = [[1.0, 0.0]] * 4
+    picks = [select_anchors(groups, num_anchors=1, rho=0.3, rng=random.Random(seed))[0].correct for seed in range(2000)]
+    assert sum(picks) / len(picks) == pytest.approx(0.3, abs=0.04)
 
 
 def test_at_most_one_anchor_per_prompt_by_default():
@@ -88,3 +97,42 @@ def test_correction_messages_show_problem_and_attempt_without_verdict():
     assert custom == [{"role": "user", "content": "Q: What is 2 + 3?\nA: 5\nCheck it."}]
     with pytest.raises(ValueError, match="problem"):
         correction_messages(prompt, "5", template="no fields")
+
+
+def test_correction_template_keeps_other_braces():
+    prompt = [{"role": "user", "content": "Solve {x}: x + 1 = 2"}]
+    template = "Problem: {problem}\nAttempt: {attempt}\nPut the final answer in \\boxed{}."
+    (message,) = correction_messages(prompt, "x = {1} so {problem}", template)
+    assert (
+        message["content"]
+        == "Problem: Solve {x}: x + 1 = 2\nAttempt: x = {1} so {problem}\nPut the final answer in \\boxed{}."
+    )
+
+
+def test_adaptive_replay_updates_and_checkpoints_rho():
+    replay = AdaptiveReplay()  # rho0 0.3, target 0.8, w1 0.8, w2 0.3, bounds [0.2, 0.8]
+    replay.observe(0.5)  # 0.3 * (1 + 0.8 * 0.3) = 0.372; no previous retention
+    assert replay.rho == pytest.approx(0.372)
+    replay.observe(None)  # no correct anchor: unchanged, and the previous retention is kept
+    assert replay.rho == pytest.approx(0.372) and replay.retention_prev == 0.5
+    replay.observe(0.25)  # 0.372 * (1 + 0.8 * 0.55 + 0.3 * 0.25) = 0.372 * 1.515 = 0.56358
+    assert replay.rho == pytest.approx(0.56358)
+    restored = AdaptiveReplay()
+    restored.load_state_dict(replay.state_dict())
+    assert (restored.rho, restored.retention_prev) == (replay.rho, 0.25)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [({"rho_min": 0.9, "rho_max": 0.5, "rho": 0.6}, "rho_min"), ({"rho": 0.1}, "replay.rho"), ({"w1": -1}, "w1")],
+)
+def test_adaptive_replay_rejects_bad_settings(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        AdaptiveReplay(**kwargs)
+
+
+def test_risk_shaping_callback_shapes_and_validates():
+    shaped = RiskShaping(lambda_risk=0.5).shape(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]))
+    assert torch.equal(shaped, torch.tensor([-0.5, 1.0]))
+    with pytest.raises(ConfigError, match="shaping.lambda_risk"):
+        RiskShaping(lambda_risk=-1.0)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs the CLI with vLLM made unimportable, as on a machine where it is not installed (a None entry in
@@ -37,8 +39,11 @@ def test_print_config_shows_every_section_with_defaults():
     assert result.returncode == 0, result.stderr[-2000:]
     for expected in ("model: SmolLM2-135M-Instruct", "clip_eps_high: 0.28", "group_size: 8", "VLLMEngine",
                      "ReasoningGymTask", "prompts_per_step: 4", "loss_aggregation: token_mean", "policy_loss: ppo",
-                     "advantage_estimator: grpo", "kl_estimator: k3"):  # fmt: skip
+                     "advantage_estimator: grpo", "kl_estimator: k3", "algorithm: cipo", "correction_group_size: 4",
+                     "anchor_band:", "lambda_risk: 1.0", "rho_max: 0.8", "lambda_corr: 1.0"):  # fmt: skip
         assert expected in result.stdout, expected
+    grpo = _run("fit", "--config", "configs/quickstart.yaml", "--algorithm", "grpo", "--print_config")
+    assert grpo.returncode == 0 and "algorithm: grpo" in grpo.stdout, grpo.stderr[-2000:]
 
 
 def test_help_documents_settings():
@@ -97,3 +102,16 @@ def test_composed_reward_in_config(tmp_path):
     result = _run("fit", "--config", "configs/quickstart.yaml", "--config", str(config), "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cipo_lightning.rewards.WeightedSum" in result.stdout and "partial_credit: false" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--replay.rho_min", "0.9", "--replay.rho_max", "0.5", "--replay.rho", "0.6"], ["replay.rho_min"]),
+        (["--shaping.lambda_risk", "-1"], ["shaping.lambda_risk"]),
+        (["--rollout.anchor_band", "[0.8, 0.2]"], ["rollout.anchor_band"]),
+        (["--rollout.correction_template", "Fix this."], ["rollout.correction_template", "{problem}"]),
+    ],
+)
+def test_bad_cipo_settings(args, fragments):
+    _assert_one_line_error(_run("fit", "--config", "configs/quickstart.yaml", *args), *fragments)

@@ -111,3 +111,57 @@ def test_rollout_is_weights_are_logged(module):
     # Engine log-probs of the fixed batch are 0, so every weight is min(exp(logp), 2) = p(token) < 1.
     assert 0 < metrics["train/is_weight_mean"] < 1 and metrics["train/is_weight_max"] < 1
     assert metrics["train/logp_mismatch_max"] > 0
+
+
+# A correction group for the two-stream tests: longer prompts (problem + anchor attempt), rewards [1, 1, 0, 0],
+# completion lengths 1, 1, 2, 2 -> advantages +-a, a = 0.5 / sqrt(1/3) = 0.8660, token-mean loss
+# -(a + a - 2a - 2a) / 6 = a / 3 = 0.2887.
+CORRECTION_PROMPTS = [[1, 9690, 198, 30, 31, 32], [1, 4093, 30, 31, 32, 33, 34], [1, 30, 31], [1, 520, 30, 31, 32]]
+CORRECTION_COMPLETIONS = [[60], [61], [62, 63], [64, 2]]
+
+
+def _correction_rows_as_batch():
+    samples = [Sample(c, [0.0] * len(c), truncated=False) for c in CORRECTION_COMPLETIONS]
+    return collate_rollouts(CORRECTION_PROMPTS, samples, [1.0, 1.0, 0.0, 0.0], [0] * 4, 2, 1.0, max_completion_len=4)
+
+
+def _two_stream_batch():
+    base = _fixed_batch()
+    prompts = [[1, 9690, 198], [1, 4093], [1, 4093, 198, 6004], [1, 520]] + CORRECTION_PROMPTS
+    completions = [[42], [43, 44], [45, 46, 47], [48, 2]] + CORRECTION_COMPLETIONS
+    samples = [Sample(c, [0.0] * len(c), truncated=False) for c in completions]
+    rewards = base.rewards.tolist() + [1.0, 1.0, 0.0, 0.0]
+    return collate_rollouts(
+        prompts, samples, rewards, [0] * 4 + [1] * 4, 2, 1.0, max_completion_len=4, streams=[0] * 4 + [1] * 4
+    )
+
+
+def test_two_stream_loss_is_base_plus_weighted_correction_by_hand(module):
+    module.hparams.lambda_corr = 0.5
+    metrics = module.accumulate_policy_gradient(_two_stream_batch(), backward=lambda loss: None)
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-6)
+    assert metrics["train/base_loss"] == pytest.approx(0.25, rel=1e-5)
+    assert metrics["train/correction_loss"] == pytest.approx(a / 3, rel=1e-5)
+    assert metrics["train/loss"] == pytest.approx(0.25 + 0.5 * a / 3, rel=1e-5)
+    assert metrics["train/correction_clip_frac"] == 0.0
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_two_stream_gradient_is_base_gradient_plus_weighted_correction_gradient(module, aggregation):
+    """Each stream is normalised on its own, so the joint gradient decomposes; the correction stream contributes."""
+    module.hparams.loss_aggregation = aggregation
+    module.hparams.micro_batch_size = 3  # micro-batches that straddle the two streams
+
+    def gradient(batch, lambda_corr=1.0):
+        module.hparams.lambda_corr = lambda_corr
+        module.policy.zero_grad()
+        module.accumulate_policy_gradient(batch, backward=lambda loss: loss.backward())
+        return torch.cat([p.grad.flatten() for p in module.policy.parameters()])
+
+    base, correction = gradient(_fixed_batch()), gradient(_correction_rows_as_batch())
+    joint = gradient(_two_stream_batch(), lambda_corr=0.5)
+    assert correction.norm() > 0
+    expected = base + 0.5 * correction
+    assert (joint - expected).norm() / expected.norm() < 1e-4
+    # lambda_corr 0 leaves exactly the base stream's gradient.
+    assert (gradient(_two_stream_batch(), lambda_corr=0.0) - base).norm() / base.norm() < 1e-4

@@ -44,7 +44,9 @@ def _fit_hf(tiny_model: str, callback_class=RolloutCallback, steps: int = 2, rew
     module = CIPOModule(model=tiny_model, learning_rate=1e-2, micro_batch_size=4, gradient_checkpointing=False)
     task = ReasoningGymTask(train_size=64, val_size=8, reward=reward or ParityReward())
     datamodule = RolloutDataModule(task, prompts_per_step=2)
-    callback = callback_class(HFEngine(), group_size=4, max_new_tokens=8, temperature=1.0, **callback_args)
+    callback = callback_class(
+        HFEngine(), group_size=4, max_new_tokens=8, temperature=1.0, algorithm="grpo", **callback_args
+    )
     logged = []
 
     class Recorder(L.Callback):
@@ -89,9 +91,8 @@ def test_dynamic_sampling_trains_only_on_informative_groups(tiny_model):
     assert all(0 < step["train/informative_group_frac"] <= 1 for step in dynamic)
 
 
-def _read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    (metrics_file,) = run_dir.glob("version_*/metrics.csv")
-    with open(metrics_file) as f:
+def _read_metrics(version_dir: Path) -> list[dict[str, float]]:
+    with open(version_dir / "metrics.csv") as f:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
@@ -107,43 +108,57 @@ def _cli(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 600
     )
 
 
+TINY_QUICKSTART = (
+    "--config",
+    "configs/quickstart.yaml",
+    "--model.learning_rate",
+    "1e-2",
+    "--rollout.group_size",
+    "4",
+    "--rollout.max_new_tokens",
+    "8",
+    "--replay.rho",
+    "0.5",  # one correct and one failed anchor per step, so retention is measured and rho moves
+    "--data.task.init_args.reward",
+    "tests.helpers.ParityReward",
+)
+
+
 @pytest.mark.slow
-def test_vllm_quickstart_config_trains_on_policy(tiny_model, tmp_path):
-    """The quickstart config through the CLI, with vLLM, on the tiny model: overrides, outputs, on-policy, learning."""
-    result = _cli(
-        "fit",
-        "--config",
-        "configs/quickstart.yaml",
-        "--trainer.max_steps",
-        "3",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--model.model",
-        tiny_model,
-        "--model.learning_rate",
-        "1e-2",
-        "--rollout.engine.init_args.dtype",
-        "float32",
-        "--rollout.group_size",
-        "4",
-        "--rollout.max_new_tokens",
-        "8",
-        "--data.task.init_args.reward",
-        "tests.helpers.ParityReward",
-    )
+def test_vllm_quickstart_config_trains_cipo_on_policy_and_resumes_rho(tiny_model, tmp_path):
+    """The quickstart config (CIPO) through the CLI, with vLLM, on the tiny model: overrides, outputs, on-policy,
+    learning, the CIPO metrics, the sample table, and a resume that continues with the saved rho."""
+    common = (*TINY_QUICKSTART, "--model.model", tiny_model, "--trainer.default_root_dir", str(tmp_path))
+    result = _cli("fit", *common, "--trainer.max_steps", "3")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = _read_metrics(tmp_path)
+    rows = _read_metrics(tmp_path / "version_0")
     assert [row["step"] for row in rows] == [0, 1, 2]
     assert all(row["train/grad_norm"] > 0 for row in rows)
     # vLLM samples with the weights the trainer holds at every step (fp32 engine: equal up to kernel rounding).
     assert all(row["train/logp_mismatch"] < 1e-3 for row in rows), [row["train/logp_mismatch"] for row in rows]
     for key in ("train/reward_mean", "train/accuracy", "train/zero_variance_frac", "train/completion_len_mean",
                 "train/completion_len_max", "train/clip_frac", "train/entropy", "train/lr", "time/rollout",
-                "time/verify", "time/weight_sync", "time/optim"):  # fmt: skip
+                "time/verify", "time/weight_sync", "time/optim", "train/rho", "train/anchors_correct",
+                "train/anchors_failed", "train/anchors_in_band", "train/anchors_fallback",
+                "train/correction_reward_mean", "train/correction_reward_shaped_mean", "train/i2c_rate",
+                "train/c2i_rate", "train/retention", "train/base_loss", "train/correction_loss",
+                "train/base_clip_frac", "train/correction_clip_frac", "train/correction_prompt_len_mean",
+                "train/correction_len_mean", "time/correction_rollout"):  # fmt: skip
         assert key in rows[0], key
-    (config,) = tmp_path.glob("version_*/config.yaml")
+    assert rows[0]["train/anchors_correct"] == rows[0]["train/anchors_failed"] == 1  # rho 0.5 of 2 anchors
+    assert all(row["train/anchors_correct"] + row["train/anchors_failed"] == 2 for row in rows)
+    samples = (tmp_path / "version_0" / "correction_samples.jsonl").read_text().splitlines()
+    assert len(samples) == 2 * 4  # step 0 only (every 5 steps): 2 anchors x 4 corrections
+    (config,) = tmp_path.glob("version_0/config.yaml")
     assert "max_steps: 3" in config.read_text()
-    (checkpoint,) = tmp_path.glob("version_*/checkpoints/last.ckpt")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    policy = {name.removeprefix("policy."): tensor for name, tensor in state.items()}
+    checkpoint = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    policy = {name.removeprefix("policy."): tensor for name, tensor in saved["state_dict"].items()}
     assert _changed(policy, _initial_weights(tiny_model)), "no parameter changed after 3 steps"
+    saved_rho = saved["callbacks"]["AdaptiveReplay"]["rho"]
+    assert saved_rho != 0.5
+
+    resumed = _cli("fit", *common, "--trainer.max_steps", "4", "--ckpt_path", str(checkpoint))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (row,) = _read_metrics(tmp_path / "version_1")
+    assert row["step"] == 3 and row["train/rho"] == pytest.approx(saved_rho)

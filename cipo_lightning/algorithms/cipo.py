@@ -7,6 +7,7 @@ step's scored base groups and the verified corrections.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -31,7 +32,11 @@ def select_anchors(
     correct_threshold: float = 1.0,
     rng: random.Random | None = None,
 ) -> list[Anchor]:
-    """Choose `num_anchors` base completions: round(rho * num_anchors) correct ones, the rest failed.
+    """Choose `num_anchors` base completions: rho * num_anchors correct ones, the rest failed.
+
+    A fractional rho * num_anchors is rounded stochastically (floor, plus one with probability the fraction), so the
+    expected mix is rho even for a handful of anchors: with plain rounding, K = 1 and rho < 0.5 would never pick a
+    correct anchor, retention would never be measured and rho could never move.
 
     Prompts whose pass rate lies in `band` (intermediate difficulty) are used first, the others only as fallback.
     Each prompt gives at most `max_per_prompt` anchors in total. When one kind runs out (say, no correct completion
@@ -67,7 +72,8 @@ def select_anchors(
                 chosen.append(Anchor(group, sample, correct, in_band[group]))
         return chosen
 
-    num_correct = round(rho * num_anchors)
+    whole, fraction = divmod(round(rho * num_anchors, 9), 1.0)  # round: 0.3 * 10 is 3.0000000000000004
+    num_correct = int(whole) + (rng.random() < fraction)
     anchors = take(True, num_correct)
     anchors += take(False, num_anchors - len(anchors))
     anchors += take(True, num_anchors - len(anchors))  # too few failed ones: fill with correct ones
@@ -119,6 +125,9 @@ def update_rho(
     return min(max(updated, rho_min), rho_max)
 
 
+_TEMPLATE_FIELDS = ("problem", "attempt")
+_TEMPLATE_FIELD = re.compile(r"\{(problem|attempt)\}")
+
 DEFAULT_CORRECTION_TEMPLATE = (
     "Here is a problem and a previous attempt at it.\n\n"
     "Problem:\n{problem}\n\n"
@@ -128,12 +137,24 @@ DEFAULT_CORRECTION_TEMPLATE = (
 )
 
 
+def check_correction_template(template: str) -> None:
+    """Raise ValueError unless `template` has both fields {problem} and {attempt}."""
+    missing = [field for field in _TEMPLATE_FIELDS if "{" + field + "}" not in template]
+    if missing:
+        raise ValueError(f"the correction template lacks the field(s) {', '.join('{' + f + '}' for f in missing)}")
+
+
 def correction_messages(
     prompt: list[dict[str, str]], attempt: str, template: str = DEFAULT_CORRECTION_TEMPLATE
 ) -> list[dict[str, str]]:
     """The chat messages of a correction prompt: the problem's system turn (if any) and one user turn that shows the
-    problem and the model's own attempt. The template never says whether the attempt was right."""
+    problem and the model's own attempt. The template never says whether the attempt was right.
+
+    Fields are filled in one pass, not with str.format, so braces elsewhere in the template (\\boxed{}) or inside
+    the problem and the attempt stay as they are.
+    """
+    check_correction_template(template)
     *system, user = prompt
-    if "{problem}" not in template or "{attempt}" not in template:
-        raise ValueError("the correction template needs the fields {problem} and {attempt}")
-    return [*system, {"role": "user", "content": template.format(problem=user["content"], attempt=attempt)}]
+    values = {"problem": user["content"], "attempt": attempt}
+    content = _TEMPLATE_FIELD.sub(lambda match: values[match.group(1)], template)
+    return [*system, {"role": "user", "content": content}]

@@ -3,16 +3,41 @@
 Each row is [left padding][prompt][completion][right padding], with every prompt ending at the same column. The
 completion of every row then starts at column `prompt_width`, so the model's logits are needed only for the last
 `completion_width + 1` positions (`logits_to_keep`), and all per-token tensors are [rows, completion_width].
+
+Under CIPO one batch holds two streams: the base groups (problem -> attempt) and the correction groups (problem and
+an anchor attempt -> correction). A stream label per row lets the loss normalise and weight each stream on its own;
+only completion tokens are ever trained, so a correction prompt's anchor text never is.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from cipo_lightning.rollout.engine import Sample
+
+BASE_STREAM = 0
+CORRECTION_STREAM = 1
+STREAM_NAMES = ("base", "correction")
+
+
+@dataclass
+class ScoredGroup:
+    """The completions sampled for one prompt, decoded and scored: the unit advantages are computed over."""
+
+    row: dict[str, Any]  # the task row: problem messages and the columns the verifier reads
+    prompt_ids: list[int]  # the rendered prompt the samples continue
+    samples: list[Sample]
+    texts: list[str]
+    rewards: list[float]
+
+    @property
+    def informative(self) -> bool:
+        """Whether the rewards differ, i.e. the group's advantages are not all zero."""
+        return max(self.rewards) > min(self.rewards)
 
 
 @dataclass
@@ -26,6 +51,7 @@ class RolloutBatch:
     rewards: Tensor  # [rows]
     truncated: Tensor  # [rows], bool: the completion hit the sampling limit before its stop token
     group_ids: Tensor  # [rows], completions of one prompt share an id
+    streams: Tensor  # [rows], BASE_STREAM or CORRECTION_STREAM
     prompt_width: int
     temperature: float
     max_completion_len: int  # the sampling limit (max_new_tokens): Dr. GRPO's constant length normaliser
@@ -61,6 +87,7 @@ class RolloutBatch:
             rewards=self.rewards[start:stop],
             truncated=self.truncated[start:stop],
             group_ids=self.group_ids[start:stop],
+            streams=self.streams[start:stop],
             prompt_width=self.prompt_width - first,
             temperature=self.temperature,
             max_completion_len=self.max_completion_len,
@@ -75,8 +102,9 @@ def collate_rollouts(
     pad_token_id: int,
     temperature: float,
     max_completion_len: int,
+    streams: list[int] | None = None,
 ) -> RolloutBatch:
-    """One row per sample; `prompts[i]` is the prompt of `samples[i]`."""
+    """One row per sample; `prompts[i]` is the prompt of `samples[i]`; every row is a base row unless `streams`."""
     prompt_width = max(len(p) for p in prompts)
     completion_width = max(1, max(len(s.token_ids) for s in samples))
     rows = len(samples)
@@ -99,7 +127,28 @@ def collate_rollouts(
         rewards=torch.tensor(rewards, dtype=torch.float32),
         truncated=torch.tensor([s.truncated for s in samples], dtype=torch.bool),
         group_ids=torch.tensor(group_ids, dtype=torch.long),
+        streams=torch.tensor(streams if streams is not None else [BASE_STREAM] * rows, dtype=torch.long),
         prompt_width=prompt_width,
         temperature=temperature,
         max_completion_len=max_completion_len,
+    )
+
+
+def collate_groups(
+    groups: list[ScoredGroup],
+    streams: list[int],
+    pad_token_id: int,
+    temperature: float,
+    max_completion_len: int,
+) -> RolloutBatch:
+    """One row per completion, one group id per group; `streams[i]` labels group i's rows."""
+    return collate_rollouts(
+        prompts=[g.prompt_ids for g in groups for _ in g.samples],
+        samples=[s for g in groups for s in g.samples],
+        rewards=[r for g in groups for r in g.rewards],
+        group_ids=[i for i, g in enumerate(groups) for _ in g.samples],
+        pad_token_id=pad_token_id,
+        temperature=temperature,
+        max_completion_len=max_completion_len,
+        streams=[stream for g, stream in zip(groups, streams, strict=True) for _ in g.samples],
     )

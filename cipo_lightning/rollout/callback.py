@@ -8,40 +8,54 @@ start, which also covers a run resumed from a checkpoint).
 With dynamic sampling (DAPO) groups whose completions all got the same reward are dropped, since their advantages
 are zero, and new prompts are sampled until the step has data.prompts_per_step informative groups or
 max_generation_rounds is reached.
+
+With `algorithm: cipo` the step also runs the correction stream (../shared/CIPO.md, steps 2-4): anchors are chosen
+from the scored base groups with the AdaptiveReplay callback's rho, the model is shown each anchor attempt and
+samples correction_group_size corrections with the same engine and weights, the task's verifier scores them, and
+the RiskShaping callback shapes their rewards. Base and correction groups go to the loss in one batch with a stream
+label per row. `algorithm: grpo` runs the same code with that stream off.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import time
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 
-from cipo_lightning.algorithms import group_stats
+from cipo_lightning.algorithms import group_stats, select_anchors
+from cipo_lightning.algorithms.cipo import DEFAULT_CORRECTION_TEMPLATE, check_correction_template
+from cipo_lightning.callbacks import AdaptiveReplay, RiskShaping
 from cipo_lightning.data.tasks import Row, Task
 from cipo_lightning.errors import ConfigError
-from cipo_lightning.rollout.batch import RolloutBatch, collate_rollouts
-from cipo_lightning.rollout.engine import RolloutEngine, Sample, SamplingSettings
+from cipo_lightning.rollout.batch import (
+    BASE_STREAM,
+    CORRECTION_STREAM,
+    RolloutBatch,
+    ScoredGroup,
+    collate_groups,
+)
+from cipo_lightning.rollout.corrections import (
+    CORRECT,
+    CorrectionGroup,
+    append_jsonl,
+    correction_prompts,
+    correction_stats,
+    sample_table,
+)
+from cipo_lightning.rollout.engine import RolloutEngine, SamplingSettings
 
-
-@dataclass
-class ScoredGroup:
-    """The completions sampled for one prompt, with their rewards."""
-
-    prompt_ids: list[int]
-    samples: list[Sample]
-    rewards: list[float]
-
-    @property
-    def informative(self) -> bool:
-        """Whether the rewards differ, i.e. the group's advantages are not all zero."""
-        return max(self.rewards) > min(self.rewards)
+SAMPLE_TABLE_FILE = "correction_samples.jsonl"
 
 
 class RolloutCallback(L.Callback):
-    """Generates and scores each step's groups with the current policy and streams them to the DataModule."""
+    """Generates and scores each step's groups (and, under CIPO, correction groups) and streams them to the
+    DataModule."""
 
     def __init__(
         self,
@@ -52,27 +66,65 @@ class RolloutCallback(L.Callback):
         top_p: float = 1.0,
         dynamic_sampling: bool = False,
         max_generation_rounds: int = 3,
+        algorithm: Literal["cipo", "grpo"] = "cipo",
+        num_anchors: int | None = None,
+        correction_group_size: int = 8,
+        anchor_band: tuple[float, float] = (0.25, 0.75),
+        max_anchors_per_prompt: int = 1,
+        correction_template: str = DEFAULT_CORRECTION_TEMPLATE,
+        sample_table_every_n_steps: int = 10,
     ) -> None:
         """
         Args:
             engine: the rollout engine (cipo_lightning.rollout.VLLMEngine or HFEngine).
             group_size: completions sampled per prompt (G); advantages compare completions within a group.
-            max_new_tokens: longest completion; longer ones are cut and marked truncated.
+            max_new_tokens: longest completion (attempts and corrections); longer ones are cut and marked truncated.
             temperature: sampling temperature; the trainer scores tokens at the same temperature.
             top_p: nucleus sampling threshold.
-            dynamic_sampling: drop groups whose completions all got the same reward (no gradient signal) and
+            dynamic_sampling: drop base groups whose completions all got the same reward (no gradient signal) and
                 sample new prompts to refill the step (DAPO).
             max_generation_rounds: with dynamic_sampling, the most generation rounds per step; the step trains on
                 the informative groups found by then (or, if none, on the last round's groups: a zero gradient).
+            algorithm: cipo (base groups plus the correction stream) or grpo (base groups only: the baseline).
+                cipo needs the AdaptiveReplay and RiskShaping callbacks (the CLI's `replay` and `shaping` sections).
+            num_anchors: anchors per step on each rank (K), each giving one correction group; default: half the
+                step's base groups, rounded up. The paper's K is not known (../shared/CIPO.md).
+            correction_group_size: corrections sampled per anchor (G_c).
+            anchor_band: pass-rate band [low, high] of the prompts anchors come from first (intermediate
+                difficulty); other prompts are the fallback when the band has too few.
+            max_anchors_per_prompt: the most anchors taken from one prompt's group.
+            correction_template: the correction prompt's user turn, with the fields {problem} and {attempt};
+                rendered through the model's chat template. It must not say whether the attempt was right.
+            sample_table_every_n_steps: every N steps write the correction samples (problem, anchor, correction,
+                rewards) to correction_samples.jsonl in the log directory and to wandb; 0 turns it off.
         """
         if group_size < 2:
             raise ConfigError(
                 f"rollout.group_size must be >= 2 (advantages compare samples of a prompt), got {group_size}"
             )
-        if max_generation_rounds < 1:
-            raise ConfigError(f"rollout.max_generation_rounds must be >= 1, got {max_generation_rounds}")
+        if correction_group_size < 2:
+            raise ConfigError(
+                f"rollout.correction_group_size must be >= 2 (advantages compare corrections of an anchor), "
+                f"got {correction_group_size}"
+            )
+        for key, value in {
+            "max_generation_rounds": max_generation_rounds,
+            "max_anchors_per_prompt": max_anchors_per_prompt,
+            "num_anchors": 1 if num_anchors is None else num_anchors,
+        }.items():
+            if value < 1:
+                raise ConfigError(f"rollout.{key} must be >= 1, got {value}")
         if temperature <= 0:
             raise ConfigError(f"rollout.temperature must be > 0 for RL sampling, got {temperature}")
+        low, high = anchor_band
+        if not 0.0 <= low <= high <= 1.0:
+            raise ConfigError(f"rollout.anchor_band must satisfy 0 <= low <= high <= 1, got {list(anchor_band)}")
+        try:
+            check_correction_template(correction_template)
+        except ValueError as err:
+            raise ConfigError(f"rollout.correction_template: {err}") from err
+        if sample_table_every_n_steps < 0:
+            raise ConfigError(f"rollout.sample_table_every_n_steps must be >= 0, got {sample_table_every_n_steps}")
         self.engine = engine
         self.group_size = group_size
         self.max_new_tokens = max_new_tokens
@@ -80,13 +132,26 @@ class RolloutCallback(L.Callback):
         self.top_p = top_p
         self.dynamic_sampling = dynamic_sampling
         self.max_generation_rounds = max_generation_rounds
+        self.algorithm = algorithm
+        self.num_anchors = num_anchors
+        self.correction_group_size = correction_group_size
+        self.anchor_band = (low, high)
+        self.max_anchors_per_prompt = max_anchors_per_prompt
+        self.correction_template = correction_template
+        self.sample_table_every_n_steps = sample_table_every_n_steps
         self._synced_version: int | None = None
         self._started = False
+        self._seed = 0
+        self._replay: AdaptiveReplay | None = None
+        self._shaping: RiskShaping | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.algorithm == "cipo":
+            self._replay = _the_callback(trainer, AdaptiveReplay, "replay")
+            self._shaping = _the_callback(trainer, RiskShaping, "shaping")
         if not self._started:
-            seed = torch.initial_seed() % 2**31 + trainer.global_rank
-            self.engine.start(pl_module.model_path, seed=seed, device=pl_module.device)
+            self._seed = torch.initial_seed() % 2**31 + trainer.global_rank
+            self.engine.start(pl_module.model_path, seed=self._seed, device=pl_module.device)
             self._started = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -100,17 +165,24 @@ class RolloutCallback(L.Callback):
         times = {"time/rollout": 0.0, "time/verify": 0.0}
         self.sync_weights(pl_module, times)
         datamodule = trainer.datamodule
-        groups = self.sample_groups(pl_module, datamodule.task, datamodule.next_prompts(), times)
-        stats = {}
-        if self.dynamic_sampling:
-            sampled, kept, rounds = len(groups), [g for g in groups if g.informative], 1
-            while len(kept) < datamodule.prompts_per_step and rounds < self.max_generation_rounds:
-                more = self.sample_groups(pl_module, datamodule.task, datamodule.next_prompts(), times)
-                sampled, rounds = sampled + len(more), rounds + 1
-                kept += [g for g in more if g.informative]
-            stats = {"train/generation_rounds": rounds, "train/informative_group_frac": len(kept) / sampled}
-            groups = kept[: datamodule.prompts_per_step] or groups
-        rollout_batch = self.collate(groups, pl_module.tokenizer.pad_token_id)
+        groups, stats = self.base_groups(pl_module, datamodule, times)
+        corrections: list[CorrectionGroup] = []
+        if self.algorithm == "cipo":
+            stats["train/rho"] = self._replay.rho
+            times["time/correction_rollout"] = 0.0
+            corrections = self.correction_groups(pl_module, datamodule.task, groups, trainer.global_step, times)
+            stats.update(correction_stats(corrections))
+            # rho for the next step; the checkpoint written at the end of this step holds it.
+            retention = stats["train/retention"]
+            self._replay.observe(None if math.isnan(retention) else retention)
+            self.write_sample_table(trainer, corrections)
+        rollout_batch = collate_groups(
+            groups + [c.training_group for c in corrections],
+            [BASE_STREAM] * len(groups) + [CORRECTION_STREAM] * len(corrections),
+            pl_module.tokenizer.pad_token_id,
+            self.temperature,
+            self.max_new_tokens,
+        )
         datamodule.push(rollout_batch)
         stats.update(rollout_stats(rollout_batch))
         reward = stats.pop("train/reward_mean")
@@ -126,58 +198,120 @@ class RolloutCallback(L.Callback):
             self._synced_version = pl_module.policy_version
         times["time/weight_sync"] = time.perf_counter() - start
 
-    def sample_groups(
-        self, pl_module: L.LightningModule, task: Task, rows: list[Row], times: dict[str, float]
+    def base_groups(
+        self, pl_module: L.LightningModule, datamodule: Any, times: dict[str, float]
+    ) -> tuple[list[ScoredGroup], dict[str, float]]:
+        """This step's base groups: one per prompt (with dynamic sampling, the informative ones)."""
+        task = datamodule.task
+
+        def sample(rows: list[Row]) -> list[ScoredGroup]:
+            messages = [row["prompt"] for row in rows]
+            return self.generate_groups(pl_module, task, rows, messages, self.group_size, "time/rollout", times)
+
+        groups = sample(datamodule.next_prompts())
+        if not self.dynamic_sampling:
+            return groups, {}
+        sampled, kept, rounds = len(groups), [g for g in groups if g.informative], 1
+        while len(kept) < datamodule.prompts_per_step and rounds < self.max_generation_rounds:
+            more = sample(datamodule.next_prompts())
+            sampled, rounds = sampled + len(more), rounds + 1
+            kept += [g for g in more if g.informative]
+        stats = {"train/generation_rounds": rounds, "train/informative_group_frac": len(kept) / sampled}
+        return kept[: datamodule.prompts_per_step] or groups, stats
+
+    def correction_groups(
+        self, pl_module: L.LightningModule, task: Task, base: list[ScoredGroup], step: int, times: dict[str, float]
+    ) -> list[CorrectionGroup]:
+        """Anchors from the base groups, G_c on-policy corrections of each, verified against the anchor's row and
+        shaped. The anchor draw is seeded by (seed, rank, step), so a resumed run draws what the original would."""
+        anchors = select_anchors(
+            [g.rewards for g in base],
+            self.num_anchors or (len(base) + 1) // 2,
+            self._replay.rho,
+            self.anchor_band,
+            self.max_anchors_per_prompt,
+            CORRECT,
+            random.Random(f"{self._seed}-{step}"),
+        )
+        if not anchors:
+            return []
+        rows = [base[a.group].row for a in anchors]
+        messages = correction_prompts(base, anchors, self.correction_template)
+        scored = self.generate_groups(
+            pl_module, task, rows, messages, self.correction_group_size, "time/correction_rollout", times
+        )
+        groups = []
+        for anchor, group in zip(anchors, scored, strict=True):
+            anchor_reward = base[anchor.group].rewards[anchor.sample]
+            shaped = self._shaping.shape(torch.tensor(group.rewards), torch.full((len(group.rewards),), anchor_reward))
+            anchor_text = base[anchor.group].texts[anchor.sample]
+            groups.append(CorrectionGroup(anchor, anchor_text, anchor_reward, group, shaped.tolist()))
+        return groups
+
+    def generate_groups(
+        self,
+        pl_module: L.LightningModule,
+        task: Task,
+        rows: list[Row],
+        messages: list[list[dict[str, str]]],
+        n: int,
+        timer: str,
+        times: dict[str, float],
     ) -> list[ScoredGroup]:
-        """Sample group_size completions per row with the engine and score them with the task's verifier."""
+        """Sample n completions of each prompt (chat `messages`) with the engine and score them against `rows`."""
         tokenizer = pl_module.tokenizer
-        prompts = [
-            tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=False) for row in rows
-        ]
+        prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=False) for m in messages]
         sampling = SamplingSettings(
-            n=self.group_size,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
+            n=n, max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p
         )
         start = time.perf_counter()
         sampled = self.engine.generate(prompts, sampling)
-        times["time/rollout"] += time.perf_counter() - start
+        times[timer] += time.perf_counter() - start
 
-        samples = [s for group in sampled for s in group]
-        texts = tokenizer.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
+        texts = tokenizer.batch_decode([s.token_ids for group in sampled for s in group], skip_special_tokens=True)
         start = time.perf_counter()
-        rewards = task.score([row for row in rows for _ in range(self.group_size)], texts)
+        rewards = task.score([row for row in rows for _ in range(n)], texts)
         times["time/verify"] += time.perf_counter() - start
-        n = self.group_size
         return [
-            ScoredGroup(prompt, group, rewards[i * n : (i + 1) * n])
-            for i, (prompt, group) in enumerate(zip(prompts, sampled, strict=True))
+            ScoredGroup(row, prompt, group, texts[i * n : (i + 1) * n], rewards[i * n : (i + 1) * n])
+            for i, (row, prompt, group) in enumerate(zip(rows, prompts, sampled, strict=True))
         ]
 
-    def collate(self, groups: list[ScoredGroup], pad_token_id: int) -> RolloutBatch:
-        """One training batch from scored groups: one row per completion, one group id per prompt."""
-        return collate_rollouts(
-            prompts=[g.prompt_ids for g in groups for _ in g.samples],
-            samples=[s for g in groups for s in g.samples],
-            rewards=[r for g in groups for r in g.rewards],
-            group_ids=[i for i, g in enumerate(groups) for _ in g.samples],
-            pad_token_id=pad_token_id,
-            temperature=self.temperature,
-            max_completion_len=self.max_new_tokens,
+    def write_sample_table(self, trainer: L.Trainer, groups: list[CorrectionGroup]) -> None:
+        """Every sample_table_every_n_steps steps: this rank-0 step's corrections to JSONL and to wandb."""
+        every = self.sample_table_every_n_steps
+        if not every or trainer.global_step % every or trainer.global_rank != 0 or not groups:
+            return
+        records = sample_table(groups, trainer.global_step)
+        append_jsonl(Path(trainer.log_dir or trainer.default_root_dir) / SAMPLE_TABLE_FILE, records)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                columns = list(records[0])
+                data = [[record[c] for c in columns] for record in records]
+                logger.log_table("train/correction_samples", columns=columns, data=data, step=trainer.global_step)
+
+
+def _the_callback(trainer: L.Trainer, kind: type[L.Callback], section: str) -> Any:
+    found = [c for c in trainer.callbacks if isinstance(c, kind)]
+    if len(found) != 1:
+        raise ConfigError(
+            f"rollout.algorithm cipo needs exactly one {kind.__name__} callback in the trainer (the CLI's `{section}` "
+            f"section adds it), found {len(found)}; or set algorithm grpo"
         )
+    return found[0]
 
 
 def rollout_stats(batch: RolloutBatch) -> dict[str, float]:
-    """What the sampled groups look like: reward, accuracy, how many groups carry no signal, lengths."""
-    _, std, _ = group_stats(batch.rewards, batch.group_ids)
-    lengths = batch.completion_mask.sum(-1)
+    """What the base groups look like: reward, accuracy, how many groups carry no signal, lengths."""
+    base = batch.streams == BASE_STREAM
+    rewards, lengths = batch.rewards[base], batch.completion_mask[base].sum(-1)
+    _, std, _ = group_stats(rewards, batch.group_ids[base])
     return {
-        "train/reward_mean": batch.rewards.mean().item(),
-        "train/accuracy": (batch.rewards >= 1.0).float().mean().item(),
+        "train/reward_mean": rewards.mean().item(),
+        "train/accuracy": (rewards >= CORRECT).float().mean().item(),
         "train/zero_variance_frac": (std == 0).float().mean().item(),
         "train/completion_len_mean": lengths.mean().item(),
         "train/completion_len_max": lengths.max().item(),
-        "train/truncated_frac": batch.truncated.float().mean().item(),
-        "train/prompt_len_mean": batch.attention_mask[:, : batch.prompt_width].sum(-1).float().mean().item(),
+        "train/truncated_frac": batch.truncated[base].float().mean().item(),
+        "train/prompt_len_mean": batch.attention_mask[base, : batch.prompt_width].sum(-1).float().mean().item(),
     }

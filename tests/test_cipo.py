@@ -1,0 +1,168 @@
+"""CIPO end to end on a tiny random model with the transformers engine: the correction stream is built from the
+model's own attempts, verified, shaped and trained on; grpo generates no corrections; rho survives a resume."""
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from cipo_lightning.algorithms import Anchor
+from cipo_lightning.callbacks import AdaptiveReplay, RiskShaping
+from cipo_lightning.data import ReasoningGymTask, RolloutDataModule
+from cipo_lightning.module import CIPOModule
+from cipo_lightning.rollout import HFEngine, RolloutCallback, Sample
+from cipo_lightning.rollout.batch import CORRECTION_STREAM, ScoredGroup
+from cipo_lightning.rollout.corrections import CorrectionGroup, correction_stats
+from tests.helpers import ParityReward
+
+GROUP_SIZE, CORRECTION_GROUP_SIZE, PROMPTS, ANCHORS = 4, 3, 2, 2
+
+
+class RecordingEngine(HFEngine):
+    """The real transformers engine, remembering each generate call: prompts, n, and the samples it returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = []
+
+    def generate(self, prompts, sampling):
+        samples = super().generate(prompts, sampling)
+        self.calls.append((prompts, sampling.n, samples))
+        return samples
+
+
+class RecordingModule(CIPOModule):
+    """The real module, remembering the rollout batches it trained on."""
+
+    def loss_targets(self, batch):
+        self.batches = [*getattr(self, "batches", []), batch]
+        return super().loss_targets(batch)
+
+
+def _group(anchor_reward: float, rewards: list[float], in_band: bool = True) -> CorrectionGroup:
+    anchor = Anchor(group=0, sample=0, correct=anchor_reward == 1.0, in_band=in_band)
+    samples = [Sample([7] * (i + 1), [0.0] * (i + 1), truncated=False) for i in range(len(rewards))]
+    scored = ScoredGroup({"prompt": []}, [1, 2, 3], samples, ["x"] * len(rewards), rewards)
+    shaped = [r - (anchor_reward == 1.0 and r == 0.0) for r in rewards]
+    return CorrectionGroup(anchor, "attempt", anchor_reward, scored, shaped)
+
+
+def test_correction_stats_by_hand():
+    stats = correction_stats([_group(1.0, [1.0, 0.0, 1.0, 1.0]), _group(0.0, [1.0, 0.0, 0.0, 0.0], in_band=False)])
+    assert stats["train/anchors_correct"] == stats["train/anchors_failed"] == 1
+    assert stats["train/anchors_in_band"] == stats["train/anchors_fallback"] == 1
+    assert stats["train/retention"] == 0.75 and stats["train/c2i_rate"] == 0.25
+    assert stats["train/i2c_rate"] == 0.25
+    assert stats["train/correction_reward_mean"] == 4 / 8
+    assert stats["train/correction_reward_shaped_mean"] == 3 / 8  # the one c->i costs lambda_risk 1
+    assert stats["train/correction_prompt_len_mean"] == 3 and stats["train/correction_len_mean"] == 2.5
+    # Without a correct anchor retention is NaN, not absent (Lightning would repeat the last logged value).
+    only_failed = correction_stats([_group(0.0, [1.0, 0.0])])
+    assert math.isnan(only_failed["train/retention"]) and math.isnan(only_failed["train/c2i_rate"])
+    assert only_failed["train/i2c_rate"] == 0.5
+
+
+def _fit(tiny_model, root, algorithm="cipo", steps=2, replay=None, ckpt_path=None):
+    module = RecordingModule(model=tiny_model, learning_rate=1e-2, micro_batch_size=8, gradient_checkpointing=False)
+    datamodule = RolloutDataModule(ReasoningGymTask(train_size=64, val_size=8, reward=ParityReward()), PROMPTS)
+    engine = RecordingEngine()
+    rollout = RolloutCallback(
+        engine,
+        group_size=GROUP_SIZE,
+        max_new_tokens=8,
+        algorithm=algorithm,
+        num_anchors=ANCHORS,
+        correction_group_size=CORRECTION_GROUP_SIZE,
+        sample_table_every_n_steps=1,
+    )
+    replay = replay or AdaptiveReplay(rho=0.5)
+    logged = []
+
+    class Recorder(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            logged.append({k: v.item() for k, v in trainer.callback_metrics.items()})
+
+    checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=CSVLogger(root, name=""),
+        callbacks=[rollout, replay, RiskShaping(), Recorder(), checkpoint],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule, ckpt_path=ckpt_path)
+    return module, engine, replay, logged, trainer
+
+
+def test_cipo_trains_on_verified_corrections_of_its_own_attempts(tiny_model, tmp_path):
+    module, engine, _, logged, trainer = _fit(tiny_model, tmp_path)
+    tokenizer = module.tokenizer
+    # Each step: one base generation (G per prompt), then one correction generation (G_c per anchor).
+    assert [(len(prompts), n) for prompts, n, _ in engine.calls] == [
+        (PROMPTS, GROUP_SIZE),
+        (ANCHORS, CORRECTION_GROUP_SIZE),
+    ] * 2
+    records = [json.loads(line) for line in (tmp_path / "version_0" / "correction_samples.jsonl").open()]
+    assert [r["step"] for r in records] == [0] * 6 + [1] * 6
+    reward = ParityReward()
+    for step in range(2):
+        (_, _, base_samples), (correction_prompts, _, correction_samples) = engine.calls[2 * step : 2 * step + 2]
+        base_texts = tokenizer.batch_decode([s.token_ids for g in base_samples for s in g], skip_special_tokens=True)
+        step_records = [r for r in records if r["step"] == step]
+        for anchor_index, prompt in enumerate(correction_prompts):
+            group = step_records[anchor_index * CORRECTION_GROUP_SIZE : (anchor_index + 1) * CORRECTION_GROUP_SIZE]
+            anchor = group[0]["anchor"]
+            # The anchor is one of this step's own base completions, and the correction prompt shows it.
+            assert anchor in base_texts
+            assert anchor in tokenizer.decode(prompt)
+            corrections = [s.token_ids for s in correction_samples[anchor_index]]
+            assert [r["correction"] for r in group] == tokenizer.batch_decode(corrections, skip_special_tokens=True)
+            for r in group:  # scored by the task's verifier, then risk-shaped (lambda_risk 1)
+                assert r["reward"] == reward([], [r["correction"]])[0]
+                broken = r["anchor_reward"] == 1.0 and r["reward"] == 0.0
+                assert r["shaped_reward"] == r["reward"] - broken
+        # The batch trains on both streams; the anchor text sits only in the (untrained) prompt columns.
+        batch = module.batches[step]
+        corrections = batch.streams == CORRECTION_STREAM
+        assert corrections.sum() == ANCHORS * CORRECTION_GROUP_SIZE
+        assert len(batch) == PROMPTS * GROUP_SIZE + ANCHORS * CORRECTION_GROUP_SIZE
+        trained = [
+            tokenizer.decode(ids[mask.bool()])
+            for ids, mask in zip(batch.completion_ids, batch.completion_mask, strict=True)
+        ]
+        correction_rows = trained[PROMPTS * GROUP_SIZE :]
+        assert correction_rows == tokenizer.batch_decode([s.token_ids for g in correction_samples for s in g])
+    for step in logged:
+        assert step["train/anchors_correct"] + step["train/anchors_failed"] == ANCHORS
+        assert step["train/anchors_in_band"] + step["train/anchors_fallback"] == ANCHORS
+        for key in ("train/rho", "train/correction_reward_mean", "train/correction_reward_shaped_mean",
+                    "train/correction_prompt_len_mean", "train/correction_len_mean", "train/base_loss",
+                    "train/correction_loss", "train/base_clip_frac", "train/correction_clip_frac",
+                    "time/correction_rollout"):  # fmt: skip
+            assert key in step, key
+    assert trainer.global_step == 2
+
+
+def test_grpo_generates_no_corrections(tiny_model, tmp_path):
+    module, engine, replay, logged, _ = _fit(tiny_model, tmp_path, algorithm="grpo")
+    assert [(len(prompts), n) for prompts, n, _ in engine.calls] == [(PROMPTS, GROUP_SIZE)] * 2
+    assert all(not (batch.streams == CORRECTION_STREAM).any() for batch in module.batches)
+    assert not any(key.startswith("train/correction") or key == "train/rho" for key in logged[-1])
+    assert replay.rho == 0.5 and not (tmp_path / "version_0" / "correction_samples.jsonl").exists()
+
+
+def test_resumed_run_continues_with_the_saved_rho(tiny_model, tmp_path):
+    _, _, replay, _, _ = _fit(tiny_model, tmp_path / "first", steps=2)
+    saved_rho = replay.rho
+    assert saved_rho != 0.5, "rho did not move in two steps; the test would not see a lost rho"
+    (checkpoint,) = (tmp_path / "first" / "checkpoints").glob("*.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["callbacks"]["AdaptiveReplay"]
+    assert state == {"rho": saved_rho, "retention_prev": replay.retention_prev}
+    # A fresh run starts from rho0 = 0.5 unless the checkpoint restores the saved value.
+    _, _, _, logged, _ = _fit(tiny_model, tmp_path / "second", steps=3, ckpt_path=checkpoint)
+    assert len(logged) == 1 and logged[0]["train/rho"] == pytest.approx(saved_rho)
