@@ -75,8 +75,8 @@ def test_misspelled_config_key(tmp_path):
 def test_task_without_verifier(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "What is 1 + 1?", "answer": "2"}\n')
-    result = _run("fit", "--config", "configs/quickstart.yaml", "--data.task", "cipo_lightning.data.FileTask",
-                  "--data.task.train_file", str(rows))  # fmt: skip
+    result = _run("fit", "--config", "configs/quickstart.yaml", "--data.task", "cipo_lightning.data.DatasetTask",
+                  "--data.task.path", str(rows))  # fmt: skip
     _assert_one_line_error(result, "data.task", "no verifier")
 
 

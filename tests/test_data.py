@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from cipo_lightning.data import FileTask, ReasoningGymTask, RolloutDataModule
+from cipo_lightning.data import BundledTask, DatasetTask, ReasoningGymTask, RolloutDataModule
+from cipo_lightning.data.tasks import bundled_records
 from cipo_lightning.errors import ConfigError
 from tests.helpers import ParityReward
 
@@ -22,32 +23,82 @@ def test_reasoning_gym_task_rows_and_disjoint_validation():
     assert task.score([row, row], [f"It is {row['answer']}", "no idea"]) == [1.0, 0.0]
 
 
-def test_file_task_passes_columns_to_the_verifier(tmp_path):
+def test_dataset_task_from_a_local_file_passes_columns_to_the_verifier(tmp_path):
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("\n".join(json.dumps({"prompt": f"p{i}", "answer": str(i)}) for i in range(3)))
+    rows.write_text("\n".join(json.dumps({"question": f"p{i}", "answer": str(i)}) for i in range(3)))
     seen = {}
 
     def reward(prompts, completions, answer, **_):
         seen.update(prompts=prompts, answer=answer)
         return [0.5] * len(completions)
 
-    task = FileTask(str(rows), system_prompt="Be brief.", reward=reward)
+    task = DatasetTask(
+        str(rows), columns={"question": "prompt"}, instruction=" Be exact.", system_prompt="Be brief.", reward=reward
+    )
     train, val = task.load()
     assert val == [] and [r["answer"] for r in train] == ["0", "1", "2"]
-    assert train[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
+    assert train[0]["prompt"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "p0 Be exact."},
+    ]
     assert task.score(train[:2], ["a", "b"]) == [0.5, 0.5]
-    assert seen == {"prompts": ["p0", "p1"], "answer": ["0", "1"]}
+    assert seen == {"prompts": ["p0 Be exact.", "p1 Be exact."], "answer": ["0", "1"]}
 
 
-def test_file_task_errors_name_the_file_and_row(tmp_path):
+def test_dataset_task_errors_name_the_file_and_row(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "ok"}\n{"prompt": "  "}\n')
-    with pytest.raises(ConfigError, match=r"rows.jsonl: row 1: column 'prompt'"):
-        FileTask(str(rows), reward=ParityReward()).load()
-    with pytest.raises(ConfigError, match="has no column 'question'"):
-        FileTask(str(rows), prompt_column="question", reward=ParityReward()).load()
+    with pytest.raises(ConfigError, match=r"rows.jsonl: row 1: the problem text is empty"):
+        DatasetTask(str(rows), reward=ParityReward()).load()
+    with pytest.raises(ConfigError, match=r"rows.jsonl: row 0: no column 'question'"):
+        DatasetTask(str(rows), prompt_column="question", reward=ParityReward()).load()
+    with pytest.raises(ConfigError, match=r"rows.jsonl: row 0: no column 'problem'"):
+        DatasetTask(str(rows), format="math500").load()
     with pytest.raises(ConfigError, match="no such file"):
-        FileTask(str(tmp_path / "missing.jsonl"), reward=ParityReward()).load()
+        DatasetTask(str(tmp_path / "missing.jsonl"), reward=ParityReward()).load()
+
+
+def test_dataset_task_hub_id_without_a_hub_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.task.path: cannot load 'nobody/no-such-dataset'"):
+        DatasetTask("nobody/no-such-dataset", reward=ParityReward()).load()
+
+
+def test_every_fixture_format_loads_through_a_local_file_like_the_bundled_copy(tmp_path):
+    for name in ("math500", "aime", "mbpp", "livecodebench", "debugbench"):
+        records = bundled_records(name)
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in records))
+        from_file, _ = DatasetTask(str(path), format=name, reward=ParityReward()).load()
+        bundled, _ = BundledTask(name, reward=ParityReward()).load()
+        assert from_file == bundled and len(bundled) >= 3, name
+
+
+def test_format_rows_carry_the_verifier_columns():
+    (math500, *_), _ = BundledTask("math500", reward=ParityReward()).load()
+    assert math500["answer"] == "\\frac{7}{8}" and "\\boxed{}" in math500["prompt"][-1]["content"]
+    aime, _ = BundledTask("aime", reward=ParityReward()).load()
+    assert aime[0]["answer"] == "47"
+    gsm8k, _ = BundledTask("gsm8k", reward=ParityReward()).load()
+    assert len(gsm8k) == 100 and all(row["answer"].lstrip("-").replace(".", "").isdigit() for row in gsm8k)
+    humaneval, _ = BundledTask("humaneval", reward=ParityReward()).load()
+    assert len(humaneval) == 164 and humaneval[0]["entry_point"] == "has_close_elements"
+    assert (
+        "def check(candidate)" in humaneval[0]["test"]
+        and "def has_close_elements" in humaneval[0]["prompt"][-1]["content"]
+    )
+    mbpp, _ = BundledTask("mbpp", reward=ParityReward()).load()
+    assert mbpp[0]["test"][0] == "assert sum_squares([1, 2, 3]) == 14" and mbpp[0]["entry_point"] is None
+    lcb, _ = BundledTask("livecodebench", reward=ParityReward()).load()
+    assert lcb[0]["test"][0] == "assert Solution().maxGap([7, 1, 5, 4]) == 4"
+    debug, _ = BundledTask("debugbench", reward=ParityReward()).load()
+    assert debug[0]["buggy_code"] in debug[0]["prompt"][-1]["content"]
+
+
+def test_bundled_validation_split_is_seeded_and_disjoint():
+    train, val = BundledTask("gsm8k", val_size=20, seed=3, reward=ParityReward()).load()
+    again, val_again = BundledTask("gsm8k", val_size=20, seed=3, reward=ParityReward()).load()
+    assert len(train) == 80 and len(val) == 20 and val == val_again and train == again
+    assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"] for r in val}
 
 
 def test_prompt_stream_covers_every_row_each_pass_and_reshuffles():

