@@ -5,8 +5,10 @@ import json
 import pytest
 
 from cipo_lightning.data import BundledTask, DatasetTask, ReasoningGymTask, RolloutDataModule
+from cipo_lightning.data.formats import TYPING_PREAMBLE
 from cipo_lightning.data.tasks import bundled_records
 from cipo_lightning.errors import ConfigError
+from cipo_lightning.rewards import CodeTestsReward
 from tests.helpers import ParityReward
 
 
@@ -110,3 +112,18 @@ def test_prompt_stream_covers_every_row_each_pass_and_reshuffles():
     assert sorted(first_pass) == everything and sorted(second_pass) == everything
     assert first_pass != second_pass
     assert datamodule.state_dict() == {"pass": 1, "position": 12}
+
+
+def test_fixture_reference_solutions_pass_their_tests_and_the_bugs_fail():
+    """The code fixtures are consistent: MBPP's `code` and DebugBench's `solution` pass, the buggy code fails."""
+    reward = CodeTestsReward(timeout_s=10.0)
+    for name, good, bad in (("mbpp", "code", None), ("debugbench", "solution", "buggy_code")):
+        records = bundled_records(name)
+        rows, _ = BundledTask(name, reward=reward).load()
+        programs = [TYPING_PREAMBLE + r[good] for r in records]
+        expected = [1.0] * len(records)
+        if bad:
+            programs += [TYPING_PREAMBLE + r[bad] for r in records]
+            expected += [0.0] * len(records)
+            rows = rows + rows
+        assert BundledTask(name, reward=reward).score(rows, programs) == expected, name

@@ -162,3 +162,29 @@ def test_vllm_quickstart_config_trains_cipo_on_policy_and_resumes_rho(tiny_model
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (row,) = _read_metrics(tmp_path / "version_1")
     assert row["step"] == 3 and row["train/rho"] == pytest.approx(saved_rho)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["math", "coder"])
+def test_domain_configs_run_on_the_cpu(config, tiny_model, tmp_path):
+    """configs/math.yaml and configs/coder.yaml as shipped (bundled data, their real verifiers, vLLM, CIPO), on the
+    tiny model with short replies: one step each (README gives the measured 2-step runs on the embedded model)."""
+    result = _cli(
+        "fit",
+        "--config",
+        f"configs/{config}.yaml",
+        "--model.model",
+        tiny_model,
+        "--trainer.max_steps",
+        "1",
+        "--rollout.max_new_tokens",
+        "16",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--rollout.engine.init_args.max_model_len",
+        "1024",
+    )  # fmt: skip (the tiny model's context)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = _read_metrics(tmp_path / "version_0")
+    assert row["train/anchors_correct"] + row["train/anchors_failed"] >= 1
+    assert "train/correction_reward_mean" in row and row["train/grad_norm"] >= 0
