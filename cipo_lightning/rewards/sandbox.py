@@ -163,7 +163,12 @@ class Sandbox:
             if as_root
             else ["--unshare-all"]
         )
-        reachable = _reachable_args([sys.base_prefix, sys.prefix, os.path.dirname(__file__)]) if as_root else []
+        needed = [os.path.realpath(path) for path in (sys.base_prefix, sys.prefix, os.path.dirname(__file__))]
+        reachable = _reachable_args(needed) if as_root else []
+        # The private /tmp hides a checkout or a virtual environment that lives under /tmp: bind those back.
+        under_tmp = [
+            arg for path in sorted(set(needed)) if path.startswith("/tmp/") for arg in ("--ro-bind", path, path)
+        ]
         return (
             bwrap,
             *("--ro-bind", "/", "/"),
@@ -172,6 +177,7 @@ class Sandbox:
             *("--perms", "1777", "--size", size, "--tmpfs", "/dev/shm"),
             *("--remount-ro", "/dev"),
             *("--perms", "1777", "--size", size, "--tmpfs", "/tmp"),
+            *under_tmp,
             *("--proc", "/proc"),
             *unshare,
             "--die-with-parent",
