@@ -259,23 +259,10 @@ class RolloutCallback(L.Callback):
         times: dict[str, float],
     ) -> list[ScoredGroup]:
         """Sample n completions of each prompt (chat `messages`) with the engine and score them against `rows`."""
-        tokenizer = pl_module.tokenizer
-        prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=False) for m in messages]
         sampling = SamplingSettings(
             n=n, max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p
         )
-        start = time.perf_counter()
-        sampled = self.engine.generate(prompts, sampling)
-        times[timer] += time.perf_counter() - start
-
-        texts = tokenizer.batch_decode([s.token_ids for group in sampled for s in group], skip_special_tokens=True)
-        start = time.perf_counter()
-        rewards = task.score([row for row in rows for _ in range(n)], texts)
-        times["time/verify"] += time.perf_counter() - start
-        return [
-            ScoredGroup(row, prompt, group, texts[i * n : (i + 1) * n], rewards[i * n : (i + 1) * n])
-            for i, (row, prompt, group) in enumerate(zip(rows, prompts, sampled, strict=True))
-        ]
+        return sample_scored_groups(self.engine, pl_module.tokenizer, task, rows, messages, sampling, times, timer)
 
     def write_sample_table(self, trainer: L.Trainer, groups: list[CorrectionGroup]) -> None:
         """Every sample_table_every_n_steps steps: this rank-0 step's corrections to JSONL and to wandb."""
@@ -289,6 +276,35 @@ class RolloutCallback(L.Callback):
                 columns = list(records[0])
                 data = [[record[c] for c in columns] for record in records]
                 logger.log_table("train/correction_samples", columns=columns, data=data, step=trainer.global_step)
+
+
+def sample_scored_groups(
+    engine: RolloutEngine,
+    tokenizer: Any,
+    task: Task,
+    rows: list[Row],
+    messages: list[list[dict[str, str]]],
+    sampling: SamplingSettings,
+    times: dict[str, float] | None = None,
+    timer: str = "time/rollout",
+) -> list[ScoredGroup]:
+    """Render `messages` with the chat template, sample `sampling.n` completions of each with `engine`, decode them
+    and score them with the task's verifier against `rows[i]`. Adds seconds to times[timer] and times["time/verify"]."""
+    times = times if times is not None else {}
+    prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=False) for m in messages]
+    start = time.perf_counter()
+    sampled = engine.generate(prompts, sampling)
+    times[timer] = times.get(timer, 0.0) + time.perf_counter() - start
+
+    n = sampling.n
+    texts = tokenizer.batch_decode([s.token_ids for group in sampled for s in group], skip_special_tokens=True)
+    start = time.perf_counter()
+    rewards = task.score([row for row in rows for _ in range(n)], texts)
+    times["time/verify"] = times.get("time/verify", 0.0) + time.perf_counter() - start
+    return [
+        ScoredGroup(row, prompt, group, texts[i * n : (i + 1) * n], rewards[i * n : (i + 1) * n])
+        for i, (row, prompt, group) in enumerate(zip(rows, prompts, sampled, strict=True))
+    ]
 
 
 def _the_callback(trainer: L.Trainer, kind: type[L.Callback], section: str) -> Any:
