@@ -230,10 +230,10 @@ class CIPOModule(L.LightningModule):
         if hp.mask_truncated:
             mask = mask * (~batch.truncated)[:, None]
         in_stream = [batch.streams == stream for stream in range(len(STREAM_NAMES))]
-        local = torch.tensor(
-            [[rows.sum(), mask[rows].sum(), rewards[rows].sum(), (rewards[rows] ** 2).sum()] for rows in in_stream],
-            dtype=torch.float64,
-        )
+        # Stacked on the batch's device and moved once: building a tensor from a list of CUDA scalars would sync per
+        # element.
+        sums = [[rows.sum(), mask[rows].sum(), rewards[rows].sum(), (rewards[rows] ** 2).sum()] for rows in in_stream]
+        local = torch.stack([torch.stack([v.double() for v in stream]) for stream in sums]).cpu()
         stream_tokens = local[:, 1].clone()  # before the all-reduce, which works in place
         totals, world_size = _sum_over_ranks(local)
         advantages, weights = torch.zeros_like(rewards), torch.zeros_like(mask)
