@@ -23,6 +23,10 @@ def test_reasoning_gym_task_rows_and_disjoint_validation():
     assert row["prompt"] == [{"role": "user", "content": row["question"] + " Give only the final number."}]
     # The default verifier is reasoning-gym's own check of this dataset.
     assert task.score([row, row], [f"It is {row['answer']}", "no idea"]) == [1.0, 0.0]
+    # reasoning-gym draws item i from seed + i: validation from seed + 1 was the training items shifted by one, all
+    # dropped as duplicates. In a large problem space every validation problem survives.
+    _, val = ReasoningGymTask(train_size=200, val_size=50).load()
+    assert len(val) == 50
 
 
 def test_dataset_task_from_a_local_file_passes_columns_to_the_verifier(tmp_path):

@@ -75,8 +75,10 @@ class ReasoningGymTask(Task):
             name: reasoning-gym dataset, e.g. "basic_arithmetic", "chain_sum".
             dataset_kwargs: the dataset's own settings (e.g. min_terms, max_digits, operators).
             train_size: training problems (the stream cycles through them, reshuffled each pass).
-            val_size: validation problems, generated from another seed; any that also occur in train are dropped.
-            seed: seed of the training problems; validation uses seed + 1.
+            val_size: validation problems: the next val_size items of the same seed stream (reasoning-gym draws item
+                i from seed + i, so seed + 1 would repeat the training items); any equal to a training problem are
+                dropped.
+            seed: seed of the training problems (items seed .. seed + train_size - 1).
             instruction: appended to each question (the answer format the verifier expects).
             system_prompt: optional system message.
             reward: verifier; default: ReasoningGymReward for `name` (strict 1.0 / 0.0).
@@ -95,7 +97,8 @@ class ReasoningGymTask(Task):
 
         try:
             train = reasoning_gym.create_dataset(self.name, size=self.train_size, seed=self.seed, **self.dataset_kwargs)
-            val = reasoning_gym.create_dataset(self.name, size=self.val_size, seed=self.seed + 1, **self.dataset_kwargs)
+            val_seed = self.seed + self.train_size
+            val = reasoning_gym.create_dataset(self.name, size=self.val_size, seed=val_seed, **self.dataset_kwargs)
         except (KeyError, TypeError, ValueError, AssertionError) as err:
             raise ConfigError(
                 f"data.task: reasoning-gym dataset {self.name!r} with {self.dataset_kwargs}: {err}"
