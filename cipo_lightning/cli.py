@@ -1,9 +1,11 @@
 """The command line: LightningCLI with the rollout stage as its own config section.
 
 `python -m cipo_lightning {fit,validate,test} --config FILE [--section.key value ...]` with sections `trainer`,
-`model` (CIPOModule), `data` (RolloutDataModule), `rollout` (RolloutCallback: engine, sampling, correction stream),
-`replay` (AdaptiveReplay: rho) and `shaping` (RiskShaping), plus the top-level `algorithm: cipo | grpo`. Every
-setting's help text comes from the typed signatures and docstrings (`--print_config`, `--help`).
+`model` (CIPOModule), `data` (RolloutDataModule: training task, eval sets), `rollout` (RolloutCallback: engine,
+sampling, correction stream), `replay` (AdaptiveReplay: rho), `shaping` (RiskShaping) and `eval` (Evaluation:
+samples per problem, two-turn correction), plus the top-level `algorithm: cipo | grpo`. `validate` / `test` evaluate
+the `model` (a checkpoint with `--ckpt_path`); `trainer.val_check_interval: N` validates every N steps during fit.
+Every setting's help text comes from the typed signatures and docstrings (`--print_config`, `--help`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from cipo_lightning.callbacks import AdaptiveReplay, RiskShaping
 from cipo_lightning.data import RolloutDataModule
 from cipo_lightning.errors import ConfigError
+from cipo_lightning.evaluation import Evaluation
 from cipo_lightning.module import CIPOModule
 from cipo_lightning.rollout import RolloutCallback
 
@@ -47,6 +50,7 @@ class CIPOLightningCLI(LightningCLI):
         # Always added (they act only under cipo), so one config shape serves both algorithms.
         parser.add_lightning_class_args(AdaptiveReplay, "replay")
         parser.add_lightning_class_args(RiskShaping, "shaping")
+        parser.add_lightning_class_args(Evaluation, "eval")
 
     def instantiate_trainer(self, **kwargs: Any):
         # Lightning's default `logger: true` becomes our default pair, placed under the run's default_root_dir so

@@ -28,7 +28,9 @@ from cipo_lightning.algorithms import (
     token_weights,
     truncated_is_weights,
 )
+from cipo_lightning.data.tasks import Row
 from cipo_lightning.errors import ConfigError
+from cipo_lightning.evaluation import Evaluation
 from cipo_lightning.models import EMBEDDED_MODEL, resolve_model_path
 from cipo_lightning.rollout.batch import CORRECTION_STREAM, STREAM_NAMES, RolloutBatch
 
@@ -203,6 +205,20 @@ class CIPOModule(L.LightningModule):
             self.policy_version += 1
         metrics["time/optim"] = time.perf_counter() - start
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """An Evaluation callback with its defaults when the Trainer has none (validation needs one)."""
+        return [] if any(isinstance(c, Evaluation) for c in self.trainer.callbacks) else [Evaluation()]
+
+    def validation_step(self, rows: list[Row], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """One batch of eval set `dataloader_idx`: sampled, verified and counted by the Evaluation callback, which
+        shares the rollout engine (the CLI's `eval` section configures it; metrics are logged at the epoch's end)."""
+        (evaluation,) = (c for c in self.trainer.callbacks if isinstance(c, Evaluation))
+        evaluation.evaluate_batch(self.trainer, self, rows, dataloader_idx)
+
+    def test_step(self, rows: list[Row], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """As validation_step; metrics are logged under test/."""
+        self.validation_step(rows, batch_idx, dataloader_idx)
 
     @torch.no_grad()
     def completion_logprobs(self, batch: RolloutBatch) -> Tensor:

@@ -97,7 +97,9 @@ def test_format_rows_carry_the_verifier_columns():
     lcb, _ = BundledTask("livecodebench", reward=ParityReward()).load()
     assert lcb[0]["test"][0] == "assert Solution().maxGap([7, 1, 5, 4]) == 4"
     debug, _ = BundledTask("debugbench", reward=ParityReward()).load()
-    assert debug[0]["buggy_code"] in debug[0]["prompt"][-1]["content"]
+    record = bundled_records("debugbench")[0]
+    # A fix-given-solution row: the bare problem, and the buggy code as the given attempt.
+    assert record["question"] in debug[0]["prompt"][-1]["content"] and record["buggy_code"] in debug[0]["attempt"]
 
 
 def test_bundled_validation_split_is_seeded_and_disjoint():

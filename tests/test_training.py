@@ -129,9 +129,15 @@ def test_vllm_quickstart_config_trains_cipo_on_policy_and_resumes_rho(tiny_model
     """The quickstart config (CIPO) through the CLI, with vLLM, on the tiny model: overrides, outputs, on-policy,
     learning, the CIPO metrics, the sample table, and a resume that continues with the saved rho."""
     common = (*TINY_QUICKSTART, "--model.model", tiny_model, "--trainer.default_root_dir", str(tmp_path))
-    result = _cli("fit", *common, "--trainer.max_steps", "3")
+    # Validation with vLLM after the last step, on 4 held-out problems (the quickstart validates every 10 steps).
+    validation = ("--trainer.val_check_interval", "3", "--data.eval_max_problems", "4")
+    result = _cli("fit", *common, "--trainer.max_steps", "3", *validation)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _read_metrics(tmp_path / "version_0")
+    (validated,) = [row for row in rows if "val/pass@4" in row]
+    assert validated["step"] == 2 and {"val/basic_arithmetic/mean@4", "val/acc@t2", "val/delta_c2i"} <= set(validated)
+    assert (tmp_path / "version_0" / "eval" / "val_step3.json").is_file()
+    rows = [row for row in rows if "val/pass@4" not in row]
     assert [row["step"] for row in rows] == [0, 1, 2]
     assert all(row["train/grad_norm"] > 0 for row in rows)
     # vLLM samples with the weights the trainer holds at every step (fp32 engine: equal up to kernel rounding).

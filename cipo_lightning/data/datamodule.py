@@ -7,6 +7,10 @@ each step (after the previous optimizer step) and pushes the scored batch here; 
 
 The DataModule also owns the prompt order: a seeded shuffle of the task's training rows, reshuffled every pass,
 split across data-parallel ranks, with its position saved in checkpoints.
+
+For validate and test (and validation during fit) it serves the eval sets: one dataloader per set, each rank its own
+contiguous share of the problems, in batches of rows. Sharding is done here rather than by Lightning's
+DistributedSampler, which pads ranks with repeated problems and would count them twice.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
-from cipo_lightning.data.tasks import Row, Task
+from cipo_lightning.data.tasks import Row, Task, is_fix_set
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.rollout.batch import RolloutBatch
 
@@ -40,35 +45,102 @@ class _RolloutStream(IterableDataset):
             yield self.queue.popleft()
 
 
-class RolloutDataModule(L.LightningDataModule):
-    """Prompts in, scored rollout batches out."""
+class _Batches(IterableDataset):
+    """Yields pre-made batches (an iterable dataset, so Lightning adds no DistributedSampler of its own)."""
 
-    def __init__(self, task: Task, prompts_per_step: int = 4, seed: int = 0) -> None:
+    def __init__(self, batches: list[list[Row]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[Row]]:
+        yield from self.batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@dataclass
+class EvalSet:
+    """An eval set: its label in metric keys, the task (prompts and verifier), every rank's rows, and its kind."""
+
+    label: str
+    task: Task
+    rows: list[Row]
+    fix: bool  # fix-given-solution (rows carry an `attempt`) rather than reasoning
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """Prompts in, scored rollout batches out; eval sets for validate and test."""
+
+    def __init__(
+        self,
+        task: Task | None = None,
+        prompts_per_step: int = 4,
+        seed: int = 0,
+        eval_tasks: list[Task] | None = None,
+        eval_max_problems: int | None = None,
+        eval_batch_size: int = 64,
+    ) -> None:
         """
         Args:
-            task: prompts and their verifier.
+            task: training prompts and their verifier (needed by fit); its held-out rows are the default eval set.
             prompts_per_step: prompts per optimizer step on each rank (each sampled rollout.group_size times).
             seed: seed of the prompt order.
+            eval_tasks: eval sets for validate, test and validation during fit (trainer.val_check_interval). Each
+                evaluates its held-out rows when it has some (ReasoningGymTask's validation problems, BundledTask's
+                val_size, DatasetTask's val_path / val_split), otherwise all its rows (e.g. BundledTask humaneval:
+                the whole benchmark). Default: the training task's held-out rows.
+            eval_max_problems: evaluate at most the first this many problems of each set (None: all).
+            eval_batch_size: problems per evaluation batch on each rank (each sampled eval.n times); the engine
+                batches them all at once, so larger is faster until memory runs out.
         """
         super().__init__()
-        if prompts_per_step < 1:
-            raise ConfigError(f"data.prompts_per_step must be >= 1, got {prompts_per_step}")
+        for key, value in {"prompts_per_step": prompts_per_step, "eval_batch_size": eval_batch_size}.items():
+            if value < 1:
+                raise ConfigError(f"data.{key} must be >= 1, got {value}")
+        if eval_max_problems is not None and eval_max_problems < 1:
+            raise ConfigError(f"data.eval_max_problems must be >= 1 (or null), got {eval_max_problems}")
         self.task = task
         self.prompts_per_step = prompts_per_step
         self.seed = seed
+        self.eval_tasks = list(eval_tasks or [])
+        self.eval_max_problems = eval_max_problems
+        self.eval_batch_size = eval_batch_size
         self.train_rows: list[Row] = []
         self.val_rows: list[Row] = []
+        self.eval_sets: list[EvalSet] = []
         self._queue: deque[RolloutBatch] = deque()
         self._order: list[int] = []
         self._pass = 0
         self._position = 0
 
     def setup(self, stage: str | None = None) -> None:
-        if not self.train_rows:
+        if stage == "fit" and self.task is None:
+            raise ConfigError("data.task is required to fit (the training prompts and their verifier)")
+        if self.task is not None and not self.train_rows and (stage == "fit" or not self.eval_tasks):
             self.train_rows, self.val_rows = self.task.load()
             if not self.train_rows:
                 raise ConfigError(f"data.task: {type(self.task).__name__} produced no training rows")
             self._shuffle()
+        if not self.eval_sets:
+            self.eval_sets = self._load_eval_sets()
+
+    def _load_eval_sets(self) -> list[EvalSet]:
+        if self.eval_tasks:
+            loaded = []
+            for task in self.eval_tasks:
+                train, held_out = task.load()
+                loaded.append((task, held_out or train))
+        else:
+            loaded = [(self.task, self.val_rows)] if self.task is not None and self.val_rows else []
+        sets, labels = [], set()
+        for task, rows in loaded:
+            label, copy = task.label, 2
+            while label in labels:  # two sets from one source get distinct keys: gsm8k, gsm8k_2
+                label, copy = f"{task.label}_{copy}", copy + 1
+            labels.add(label)
+            rows = rows[: self.eval_max_problems]
+            sets.append(EvalSet(label, task, rows, is_fix_set(rows, label)))
+        return sets
 
     def _shuffle(self) -> None:
         self._order = list(range(len(self.train_rows)))
@@ -92,6 +164,25 @@ class RolloutDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_RolloutStream(self._queue), batch_size=None)
 
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per eval set (validation_step gets its index), each over this rank's share of the problems."""
+        if not self.eval_sets and self.trainer is not None and self.trainer.state.fn != "fit":
+            raise ConfigError(
+                "nothing to evaluate: set data.eval_tasks, or a data.task with held-out rows (e.g. a BundledTask "
+                "with val_size > 0)"
+            )
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        loaders = []
+        for eval_set in self.eval_sets:
+            share = shard(eval_set.rows, rank, world)
+            batches = [share[i : i + self.eval_batch_size] for i in range(0, len(share), self.eval_batch_size)]
+            loaders.append(DataLoader(_Batches(batches), batch_size=None))
+        return loaders
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """The same eval sets as validation: `test` is the same evaluation, logged under test/."""
+        return self.val_dataloader()
+
     def state_dict(self) -> dict[str, Any]:
         return {"pass": self._pass, "position": self._position}
 
@@ -99,3 +190,9 @@ class RolloutDataModule(L.LightningDataModule):
         self._pass, self._position = state["pass"], state["position"]
         if self.train_rows:
             self._shuffle()
+
+
+def shard(rows: list[Row], rank: int, world_size: int) -> list[Row]:
+    """Rank `rank`'s contiguous share of `rows`: every row on exactly one rank, shares differing by at most one."""
+    start, stop = (len(rows) * rank) // world_size, (len(rows) * (rank + 1)) // world_size
+    return rows[start:stop]

@@ -5,8 +5,8 @@ GSM8K `question`/`answer` with "#### 42", HumanEval `prompt`/`test`/`entry_point
 LiveCodeBench `question_content` with JSON-encoded functional tests, DebugBench `question`/`buggy_code`). A format
 turns one record into our row, so a hub dataset, a local file in that format and a bundled copy all load the same:
 math rows carry `answer` (MathAnswerReward), code rows carry `test` and `entry_point` (CodeTestsReward; `test` is
-HumanEval check code, or a list of assert statements with entry_point None). Unknown fields ride along for
-verifiers that want them.
+HumanEval check code, or a list of assert statements with entry_point None). DebugBench rows also carry `attempt`,
+the given buggy solution (a fix-given-solution set). Unknown fields ride along for verifiers that want them.
 """
 
 from __future__ import annotations
@@ -78,10 +78,12 @@ def _livecodebench(record: Record) -> Record:
 
 
 def _debugbench(record: Record) -> Record:
-    problem = f"{record['question']}\n\nThis code has a bug:\n```python\n{record['buggy_code']}\n```\nFix it."
+    # A fix-given-solution set: the problem plus the given wrong solution as `attempt`, which evaluation shows back
+    # with the correction template (the prompt CIPO trains corrections on).
     if "test" not in record:
         raise ValueError("DebugBench records carry no tests; add a `test` column (assert statements)")
-    return _code(problem, record["test"], None) | {"buggy_code": record["buggy_code"]}
+    attempt = f"```python\n{TYPING_PREAMBLE}{record['buggy_code']}\n```"
+    return _code(record["question"], record["test"], None) | {"attempt": attempt}
 
 
 CONVERTERS: dict[str, Callable[[Record], Record]] = {

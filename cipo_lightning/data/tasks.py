@@ -2,7 +2,8 @@
 
 A task yields rows: a `prompt` (chat messages) plus any columns its verifier reads (`answer`, `test`, ...). Rows stay
 plain dicts in memory; the prompt is rendered with the policy's chat template by the rollout callback, so one task
-works with any model.
+works with any model. A row with an `attempt` column (a given, typically wrong, solution) belongs to a
+fix-given-solution set: evaluation asks for a correction of that attempt instead of a fresh answer.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cipo_lightning.errors import ConfigError
 from cipo_lightning.rewards import ReasoningGymReward, RewardFunction
 
 Row = dict[str, Any]
+ATTEMPT_COLUMN = "attempt"
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 MATH_FORMATS = ("math500", "aime", "gsm8k")
 
@@ -36,9 +38,20 @@ class Task(ABC):
             )
         self.reward = reward
 
+    @property
+    def label(self) -> str:
+        """The task's name in evaluation results and metric keys (val/<label>/pass@1)."""
+        return type(self).__name__
+
     @abstractmethod
     def load(self) -> tuple[list[Row], list[Row]]:
         """Train rows and validation rows."""
+
+    def answers(self, completions: list[str]) -> list[str | None] | None:
+        """The final answer of each completion as its verifier reads it, for maj@k votes; None when the verifier
+        extracts no answers (code tests)."""
+        extract = getattr(self.reward, "extract_answer", None)
+        return None if extract is None else [extract(completion) for completion in completions]
 
     def score(self, rows: list[Row], completions: list[str]) -> list[float]:
         """Rewards for `completions[i]`, a reply to `rows[i]`; row columns reach the verifier by name."""
@@ -48,6 +61,18 @@ class Task(ABC):
         if len(rewards) != len(completions):
             raise ValueError(f"{type(self.reward).__name__} returned {len(rewards)} rewards for {len(completions)}")
         return [float(r) for r in rewards]
+
+
+def is_fix_set(rows: list[Row], label: str) -> bool:
+    """Whether `rows` are a fix-given-solution set: every row has an `attempt`; a mix is an error naming the row."""
+    has_attempt = [ATTEMPT_COLUMN in row for row in rows]
+    if any(has_attempt) and not all(has_attempt):
+        row = has_attempt.index(not has_attempt[0])
+        raise ConfigError(
+            f"eval set {label!r}: row {row} {'has' if has_attempt[row] else 'lacks'} an `{ATTEMPT_COLUMN}` column "
+            f"and row 0 {'has' if has_attempt[0] else 'lacks'} one: a set is either fix-given-solution or not"
+        )
+    return bool(rows) and all(has_attempt)
 
 
 def user_prompt(text: str, system_prompt: str | None = None) -> list[dict[str, str]]:
@@ -91,6 +116,10 @@ class ReasoningGymTask(Task):
         self.seed = seed
         self.instruction = instruction
         self.system_prompt = system_prompt
+
+    @property
+    def label(self) -> str:
+        return self.name
 
     def load(self) -> tuple[list[Row], list[Row]]:
         import reasoning_gym
@@ -211,6 +240,11 @@ class DatasetTask(RecordTask):
         self.val_split = val_split
         self.subset = subset
 
+    @property
+    def label(self) -> str:
+        path = Path(self.path)
+        return path.stem if path.suffix in LOCAL_FORMATS else self.path.replace("/", "_")
+
     def load(self) -> tuple[list[Row], list[Row]]:
         train = self.rows(self._records(self.path, self.split), self.path)
         if self.val_path is None and self.val_split is None:
@@ -265,6 +299,10 @@ class BundledTask(RecordTask):
         self.name = name
         self.val_size = val_size
         self.seed = seed
+
+    @property
+    def label(self) -> str:
+        return self.name
 
     def load(self) -> tuple[list[Row], list[Row]]:
         rows = self.rows(bundled_records(self.name), f"bundled {self.name}")

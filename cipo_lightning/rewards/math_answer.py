@@ -327,6 +327,12 @@ class MathAnswerReward:
                 self._pool.close()
                 self._pool = None
 
+    @staticmethod
+    def extract_answer(completion: str) -> str | None:
+        """The final answer graded (for maj@k votes), whitespace removed: "x + 1" and "x+1" vote together."""
+        answer = extract_math_answer(completion)
+        return "".join(answer.split()) if answer else None
+
     def __call__(self, prompts: list[str], completions: list[str], answer: list[str], **_: list[Any]) -> list[float]:
         golds = [_gold_answer(gold) for gold in answer]
         replies = [extract_math_answer(completion) for completion in completions]

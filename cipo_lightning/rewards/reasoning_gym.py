@@ -48,6 +48,11 @@ class ReasoningGymReward:
 
         return reasoning_gym.get_score_answer_fn(self.dataset)
 
+    @staticmethod
+    def extract_answer(completion: str) -> str | None:
+        """The final answer graded (for maj@k votes), whitespace removed; None for an empty reply."""
+        return "".join(extract_final_answer(completion).split()) or None
+
     def __call__(
         self,
         prompts: list[str],

@@ -30,7 +30,8 @@ from lightning.pytorch.loggers import WandbLogger
 
 from cipo_lightning.algorithms import group_stats, select_anchors
 from cipo_lightning.algorithms.cipo import DEFAULT_CORRECTION_TEMPLATE, check_correction_template
-from cipo_lightning.callbacks import AdaptiveReplay, RiskShaping
+from cipo_lightning.callbacks.replay import AdaptiveReplay
+from cipo_lightning.callbacks.shaping import RiskShaping
 from cipo_lightning.data.tasks import Row, Task
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.rollout.batch import (
@@ -147,15 +148,33 @@ class RolloutCallback(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.algorithm == "cipo":
-            self._replay = _the_callback(trainer, AdaptiveReplay, "replay")
-            self._shaping = _the_callback(trainer, RiskShaping, "shaping")
+            needed_by = "rollout.algorithm cipo"
+            self._replay = the_callback(trainer, AdaptiveReplay, "replay", needed_by, "; or set algorithm grpo")
+            self._shaping = the_callback(trainer, RiskShaping, "shaping", needed_by, "; or set algorithm grpo")
+        self.start_engine(trainer, pl_module)
+
+    def start_engine(self, trainer: L.Trainer, pl_module: L.LightningModule) -> RolloutEngine:
+        """The engine, started on the policy's model the first time (fit, validate or test), seeded per rank."""
         if not self._started:
             self._seed = torch.initial_seed() % 2**31 + trainer.global_rank
             self.engine.start(pl_module.model_path, seed=self._seed, device=pl_module.device)
             self._started = True
+        return self.engine
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.engine.shutdown()
+        self.shutdown_engine()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation during fit keeps the engine for the next training step.
+        if trainer.state.fn != "fit":
+            self.shutdown_engine()
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.shutdown_engine()
+
+    def shutdown_engine(self) -> None:
+        if self._started:
+            self.engine.shutdown()
         self._started = False
         self._synced_version = None
 
@@ -307,12 +326,13 @@ def sample_scored_groups(
     ]
 
 
-def _the_callback(trainer: L.Trainer, kind: type[L.Callback], section: str) -> Any:
+def the_callback(trainer: L.Trainer, kind: type[L.Callback], section: str, needed_by: str, hint: str = "") -> Any:
+    """The trainer's one callback of type `kind`; a ConfigError naming the CLI section that adds it otherwise."""
     found = [c for c in trainer.callbacks if isinstance(c, kind)]
     if len(found) != 1:
         raise ConfigError(
-            f"rollout.algorithm cipo needs exactly one {kind.__name__} callback in the trainer (the CLI's `{section}` "
-            f"section adds it), found {len(found)}; or set algorithm grpo"
+            f"{needed_by} needs exactly one {kind.__name__} callback in the trainer (the CLI's `{section}` "
+            f"section adds it), found {len(found)}{hint}"
         )
     return found[0]
 
