@@ -286,10 +286,13 @@ class RolloutCallback(L.Callback):
     def write_sample_table(self, trainer: L.Trainer, groups: list[CorrectionGroup]) -> None:
         """Every sample_table_every_n_steps steps: this rank-0 step's corrections to JSONL and to wandb."""
         every = self.sample_table_every_n_steps
-        if not every or trainer.global_step % every or trainer.global_rank != 0 or not groups:
+        if not every or trainer.global_step % every:
+            return
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast from rank 0: every rank must ask
+        if trainer.global_rank != 0 or not groups:
             return
         records = sample_table(groups, trainer.global_step)
-        append_jsonl(Path(trainer.log_dir or trainer.default_root_dir) / SAMPLE_TABLE_FILE, records)
+        append_jsonl(Path(log_dir) / SAMPLE_TABLE_FILE, records)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 columns = list(records[0])
