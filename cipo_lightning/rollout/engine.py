@@ -7,8 +7,9 @@ sampled (re-tokenising decoded text can split differently).
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,13 +18,25 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How to sample: n completions per prompt, at most max_new_tokens each."""
+    """How to sample: n completions per prompt, at most max_new_tokens each.
+
+    With a `seed`, each prompt's samples depend only on (seed, the prompt's tokens), not on the other prompts of the
+    call, their order or the process: `derived_seed` gives each prompt its own seed. Without one, the engine's own
+    random state decides.
+    """
 
     n: int
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+
+
+def derived_seed(seed: int, values: Sequence[int]) -> int:
+    """A 63-bit seed from `seed` and integers (a prompt's tokens, a step), the same in every process (unlike
+    Python's salted hash)."""
+    digest = hashlib.blake2b(f"{seed}:{','.join(map(str, values))}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass

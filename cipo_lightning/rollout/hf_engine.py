@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from cipo_lightning.rollout.engine import RolloutEngine, Sample, SamplingSettings
+from cipo_lightning.rollout.engine import RolloutEngine, Sample, SamplingSettings, derived_seed
 
 
 class HFEngine(RolloutEngine):
@@ -43,7 +43,13 @@ class HFEngine(RolloutEngine):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:
         if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+            # Seeded: one prompt per call, so a prompt's samples do not depend on what it is batched with (padding
+            # changes the shapes, and the random draws would be shared across the batch).
+            out = []
+            for prompt in prompts:
+                torch.manual_seed(derived_seed(sampling.seed, prompt))
+                out.extend(self._generate_chunk([prompt], sampling))
+            return out
         out: list[list[Sample]] = []
         for start in range(0, len(prompts), self.max_batch_prompts):
             out.extend(self._generate_chunk(prompts[start : start + self.max_batch_prompts], sampling))

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from cipo_lightning.errors import ConfigError
-from cipo_lightning.rollout.engine import RolloutEngine, Sample, SamplingSettings
+from cipo_lightning.rollout.engine import RolloutEngine, Sample, SamplingSettings, derived_seed
 
 _INSTALL_HINT = (
     "install it with `pip install 'cipo_lightning[cpu]'` (CPU) or `pip install 'cipo_lightning[gpu]'` (CUDA), "
@@ -92,15 +92,20 @@ class VLLMEngine(RolloutEngine):
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            logprobs=0,
-            seed=sampling.seed,
-        )
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        def params(seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                logprobs=0,
+                seed=seed,
+            )
+
+        # Seeded: a per-request seed for each prompt (vLLM then draws its samples from their own generator).
+        seed = sampling.seed
+        per_prompt = params(None) if seed is None else [params(derived_seed(seed, p)) for p in prompts]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], per_prompt, use_tqdm=False)
         return [[self._to_sample(c) for c in out.outputs] for out in outputs]
 
     @staticmethod
