@@ -31,6 +31,7 @@ from cipo_lightning.algorithms import (
     truncated_is_weights,
 )
 from cipo_lightning.data.tasks import Row
+from cipo_lightning.distributed import max_over_ranks, sum_over_ranks
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.evaluation import Evaluation
 from cipo_lightning.models import EMBEDDED_MODEL, resolve_model_path
@@ -268,8 +269,8 @@ class CIPOModule(L.LightningModule):
         sums = [[rows.sum(), mask[rows].sum(), rewards[rows].sum(), (rewards[rows] ** 2).sum()] for rows in in_stream]
         local = torch.stack([torch.stack([v.double() for v in stream]) for stream in sums]).cpu()
         stream_tokens = local[:, 1].clone()  # before the all-reduce, which works in place
-        totals, world_size = _sum_over_ranks(local)
-        micro_batches = _max_over_ranks(math.ceil(len(batch) / hp.micro_batch_size))
+        totals, world_size = sum_over_ranks(local)
+        micro_batches = max_over_ranks(math.ceil(len(batch) / hp.micro_batch_size))
         advantages, weights = torch.zeros_like(rewards), torch.zeros_like(mask)
         for rows, (global_rows, global_tokens, reward_sum, reward_sq_sum) in zip(in_stream, totals, strict=True):
             if not rows.any():
@@ -421,26 +422,6 @@ def micro_batch_bounds(rows: int, size: int, count: int) -> Iterator[tuple[int, 
     bounds = [(start, min(start + size, rows)) for start in range(0, rows, size)]
     for index in range(count):
         yield (*bounds[min(index, len(bounds) - 1)], index >= len(bounds))
-
-
-def _max_over_ranks(value: int) -> int:
-    """The largest `value` over data-parallel ranks (itself without a process group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor(value, device=device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return int(tensor.item())
-
-
-def _sum_over_ranks(values: Tensor) -> tuple[Tensor, int]:
-    """`values` summed over data-parallel ranks (as is without a process group), and the number of ranks."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-        values = values.to(device)
-        torch.distributed.all_reduce(values)
-        return values.cpu(), torch.distributed.get_world_size()
-    return values, 1
 
 
 def _sum_by_stream(totals: Tensor, values: Tensor, weights: Tensor, streams: Tensor) -> None:

@@ -52,7 +52,8 @@ def _group(anchor_reward: float, rewards: list[float], in_band: bool = True) -> 
 
 
 def test_correction_stats_by_hand():
-    stats = correction_stats([_group(1.0, [1.0, 0.0, 1.0, 1.0]), _group(0.0, [1.0, 0.0, 0.0, 0.0], in_band=False)])
+    groups = [_group(1.0, [1.0, 0.0, 1.0, 1.0]), _group(0.0, [1.0, 0.0, 0.0, 0.0], in_band=False)]
+    stats = correction_stats(groups).reduce()
     assert stats["train/anchors_correct"] == stats["train/anchors_failed"] == 1
     assert stats["train/anchors_in_band"] == stats["train/anchors_fallback"] == 1
     assert stats["train/retention"] == 0.75 and stats["train/c2i_rate"] == 0.25
@@ -61,7 +62,7 @@ def test_correction_stats_by_hand():
     assert stats["train/correction_reward_shaped_mean"] == 3 / 8  # the one c->i costs lambda_risk 1
     assert stats["train/correction_prompt_len_mean"] == 3 and stats["train/correction_len_mean"] == 2.5
     # Without a correct anchor retention is NaN, not absent (Lightning would repeat the last logged value).
-    only_failed = correction_stats([_group(0.0, [1.0, 0.0])])
+    only_failed = correction_stats([_group(0.0, [1.0, 0.0])]).reduce()
     assert math.isnan(only_failed["train/retention"]) and math.isnan(only_failed["train/c2i_rate"])
     assert only_failed["train/i2c_rate"] == 0.5
 

@@ -7,7 +7,7 @@ import torch
 
 from cipo_lightning.algorithms.cipo import (
     correction_messages,
-    retention,
+    retention_counts,
     select_anchors,
     shape_correction_rewards,
     update_rho,
@@ -71,8 +71,8 @@ def test_risk_shaping_by_hand():
 def test_retention_by_hand():
     anchors = torch.tensor([1.0, 1.0, 0.0, 1.0])
     corrections = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    assert retention(anchors, corrections) == pytest.approx(2 / 3)
-    assert retention(torch.zeros(3), torch.ones(3)) is None
+    assert retention_counts(anchors, corrections) == (2, 3)  # retention 2/3
+    assert retention_counts(torch.zeros(3), torch.ones(3)) == (0, 0)  # no correct anchor: undefined
 
 
 def test_rho_update_by_hand():

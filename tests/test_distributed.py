@@ -2,13 +2,17 @@
 
 The ranks mimic DistributedDataParallel: each backpropagates its own share of the groups, then gradients are
 averaged over ranks. The module's weights use global counts (and the global reward std for batch scaling), so the
-average equals the single-process gradient for every aggregation mode.
+average equals the single-process gradient for every aggregation mode. The step statistics (logged, and the
+retention that moves rho) reduce over ranks the same way: by rows, not by rank.
 """
+
+import math
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cipo_lightning.distributed import StepStats
 from cipo_lightning.module import CIPOModule
 from tests.helpers import two_group_batch
 
@@ -58,3 +62,27 @@ def test_gradient_is_the_same_whole_in_micro_batches_and_across_ranks(tiny_model
         for other in (micro, distributed):
             # Equal up to float32 rounding (padding widths and summation order differ).
             assert (other - whole).norm() / whole.norm() < 1e-4, settings
+
+
+def _stats_rank(rank: int, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    # Rank 0 has 3 rows (2 correct) and no correct anchor, rank 1 one wrong row and a correct anchor kept 1 of 2.
+    stats = StepStats(
+        means={"accuracy": [(2, 3), (0, 1)][rank], "retention": [(0, 0), (1, 2)][rank], "never": (0, 0)},
+        sums={"anchors": [1, 2][rank]},
+        maxima={"time": [0.5, 2.0][rank]},
+    )
+    reduced = stats.reduce()
+    if rank == 0:
+        torch.save(reduced, out_file)
+    dist.destroy_process_group()
+
+
+def test_step_stats_reduce_over_ranks_by_rows_not_by_rank(tmp_path):
+    out_file = tmp_path / "stats.pt"
+    mp.spawn(_stats_rank, args=(str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
+    reduced = torch.load(out_file)
+    assert reduced["accuracy"] == 2 / 4  # not (2/3 + 0/1) / 2
+    assert reduced["retention"] == 1 / 2  # rank 0 had no correct anchor: it does not count
+    assert math.isnan(reduced["never"])
+    assert reduced["anchors"] == 3 and reduced["time"] == 2.0

@@ -5,7 +5,7 @@ from cipo_lightning.algorithms.aggregation import Aggregation, token_weights
 from cipo_lightning.algorithms.cipo import (
     Anchor,
     correction_messages,
-    retention,
+    retention_counts,
     select_anchors,
     shape_correction_rewards,
     update_rho,
@@ -27,7 +27,7 @@ __all__ = [
     "Aggregation",
     "Anchor",
     "correction_messages",
-    "retention",
+    "retention_counts",
     "select_anchors",
     "shape_correction_rewards",
     "update_rho",

@@ -94,12 +94,11 @@ def shape_correction_rewards(
     return rewards - lambda_risk * broken.float() + alpha * (rewards - anchor_rewards)
 
 
-def retention(anchor_rewards: Tensor, rewards: Tensor, correct_threshold: float = 1.0) -> float | None:
-    """Share of corrections of correct anchors that stay correct (c -> c); None when no anchor was correct."""
+def retention_counts(anchor_rewards: Tensor, rewards: Tensor, correct_threshold: float = 1.0) -> tuple[int, int]:
+    """(corrections of correct anchors that stay correct, corrections of correct anchors): retention is their
+    ratio (c -> c), undefined when no anchor was correct. Counts rather than the ratio, so ranks can sum them."""
     of_correct = anchor_rewards >= correct_threshold
-    if not of_correct.any():
-        return None
-    return (rewards[of_correct] >= correct_threshold).float().mean().item()
+    return int((rewards[of_correct] >= correct_threshold).sum()), int(of_correct.sum())
 
 
 def update_rho(

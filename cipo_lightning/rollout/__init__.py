@@ -5,6 +5,7 @@ from cipo_lightning.rollout.callback import RolloutCallback
 from cipo_lightning.rollout.engine import RolloutEngine, Sample, SamplingSettings
 from cipo_lightning.rollout.hf_engine import HFEngine
 from cipo_lightning.rollout.vllm_engine import VLLMEngine
+from cipo_lightning.rollout.vllm_server import VLLMServerEngine
 
 __all__ = [
     "HFEngine",
@@ -14,5 +15,6 @@ __all__ = [
     "Sample",
     "SamplingSettings",
     "VLLMEngine",
+    "VLLMServerEngine",
     "collate_rollouts",
 ]

@@ -33,6 +33,7 @@ from cipo_lightning.algorithms.cipo import DEFAULT_CORRECTION_TEMPLATE, check_co
 from cipo_lightning.callbacks.replay import AdaptiveReplay
 from cipo_lightning.callbacks.shaping import RiskShaping
 from cipo_lightning.data.tasks import Row, Task
+from cipo_lightning.distributed import StepStats, max_over_ranks
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.rollout.batch import (
     BASE_STREAM,
@@ -194,14 +195,9 @@ class RolloutCallback(L.Callback):
         groups, stats = self.base_groups(pl_module, datamodule, times)
         corrections: list[CorrectionGroup] = []
         if self.algorithm == "cipo":
-            stats["train/rho"] = self._replay.rho
             times["time/correction_rollout"] = 0.0
             corrections = self.correction_groups(pl_module, datamodule.task, groups, trainer.global_step, times)
             stats.update(correction_stats(corrections))
-            # rho for the next step; the checkpoint written at the end of this step holds it.
-            retention = stats["train/retention"]
-            self._replay.observe(None if math.isnan(retention) else retention)
-            self.write_sample_table(trainer, corrections)
         rollout_batch = collate_groups(
             groups + [c.training_group for c in corrections],
             [BASE_STREAM] * len(groups) + [CORRECTION_STREAM] * len(corrections),
@@ -210,11 +206,18 @@ class RolloutCallback(L.Callback):
             self.max_new_tokens,
         )
         datamodule.push(rollout_batch)
-        stats.update(rollout_stats(rollout_batch))
-        reward = stats.pop("train/reward_mean")
+        stats.update(rollout_stats(rollout_batch)).maxima.update(times)
+        logged = stats.reduce()  # over all ranks: every rank logs, and moves rho, with the same numbers
+        if self.algorithm == "cipo":
+            logged["train/rho"] = self._replay.rho
+            # rho for the next step; the checkpoint written at the end of this step holds it.
+            retention = logged["train/retention"]
+            self._replay.observe(None if math.isnan(retention) else retention)
+            self.write_sample_table(trainer, corrections)
+        reward = logged.pop("train/reward_mean")
         size = len(groups)
         pl_module.log("train/reward_mean", reward, prog_bar=True, on_step=True, on_epoch=False, batch_size=size)
-        pl_module.log_dict({**stats, **times}, on_step=True, on_epoch=False, batch_size=size)
+        pl_module.log_dict(logged, on_step=True, on_epoch=False, batch_size=size)
 
     def sync_weights(self, pl_module: L.LightningModule, times: dict[str, float]) -> None:
         """Push the policy's weights into the engine if they changed since the last push."""
@@ -226,7 +229,7 @@ class RolloutCallback(L.Callback):
 
     def base_groups(
         self, pl_module: L.LightningModule, datamodule: Any, times: dict[str, float]
-    ) -> tuple[list[ScoredGroup], dict[str, float]]:
+    ) -> tuple[list[ScoredGroup], StepStats]:
         """This step's base groups: one per prompt (with dynamic sampling, the informative ones)."""
         task = datamodule.task
 
@@ -236,13 +239,20 @@ class RolloutCallback(L.Callback):
 
         groups = sample(datamodule.next_prompts())
         if not self.dynamic_sampling:
-            return groups, {}
+            return groups, StepStats()
         sampled, kept, rounds = len(groups), [g for g in groups if g.informative], 1
-        while len(kept) < datamodule.prompts_per_step and rounds < self.max_generation_rounds:
-            more = sample(datamodule.next_prompts())
-            sampled, rounds = sampled + len(more), rounds + 1
-            kept += [g for g in more if g.informative]
-        stats = {"train/generation_rounds": rounds, "train/informative_group_frac": len(kept) / sampled}
+        # Rounds are decided over all ranks: every rank draws the same number of prompt blocks, so the shared
+        # prompt order stays aligned; a rank that already has enough draws its block without sampling it.
+        while rounds < self.max_generation_rounds and max_over_ranks(int(len(kept) < datamodule.prompts_per_step)):
+            rows = datamodule.next_prompts()
+            rounds += 1
+            if len(kept) < datamodule.prompts_per_step:
+                more = sample(rows)
+                sampled += len(more)
+                kept += [g for g in more if g.informative]
+        stats = StepStats(
+            means={"train/informative_group_frac": (len(kept), sampled)}, maxima={"train/generation_rounds": rounds}
+        )
         return kept[: datamodule.prompts_per_step] or groups, stats
 
     def correction_groups(
@@ -352,17 +362,21 @@ def the_callback(trainer: L.Trainer, kind: type[L.Callback], section: str, neede
     return found[0]
 
 
-def rollout_stats(batch: RolloutBatch) -> dict[str, float]:
+def rollout_stats(batch: RolloutBatch) -> StepStats:
     """What the base groups look like: reward, accuracy, how many groups carry no signal, lengths."""
     base = batch.streams == BASE_STREAM
     rewards, lengths = batch.rewards[base], batch.completion_mask[base].sum(-1)
     _, std, _ = group_stats(rewards, batch.group_ids[base])
-    return {
-        "train/reward_mean": rewards.mean().item(),
-        "train/accuracy": (rewards >= CORRECT).float().mean().item(),
-        "train/zero_variance_frac": (std == 0).float().mean().item(),
-        "train/completion_len_mean": lengths.mean().item(),
-        "train/completion_len_max": lengths.max().item(),
-        "train/truncated_frac": batch.truncated[base].float().mean().item(),
-        "train/prompt_len_mean": batch.attention_mask[base, : batch.prompt_width].sum(-1).float().mean().item(),
-    }
+    rows = len(rewards)
+    prompt_lengths = batch.attention_mask[base, : batch.prompt_width].sum(-1)
+    return StepStats(
+        means={
+            "train/reward_mean": (rewards.sum().item(), rows),
+            "train/accuracy": ((rewards >= CORRECT).sum().item(), rows),
+            "train/zero_variance_frac": ((std == 0).sum().item(), rows),
+            "train/completion_len_mean": (lengths.sum().item(), rows),
+            "train/truncated_frac": (batch.truncated[base].sum().item(), rows),
+            "train/prompt_len_mean": (prompt_lengths.sum().item(), rows),
+        },
+        maxima={"train/completion_len_max": lengths.max().item()},
+    )

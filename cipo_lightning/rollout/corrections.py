@@ -10,14 +10,14 @@ its shaped rewards. Everything here is plain Python over scored groups; the math
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cipo_lightning.algorithms import Anchor, correction_messages, retention
+from cipo_lightning.algorithms import Anchor, correction_messages, retention_counts
+from cipo_lightning.distributed import StepStats
 from cipo_lightning.rollout.batch import ScoredGroup
 
 CORRECT = 1.0  # rewards at or above this count as correct (binary verifiers give 1.0)
@@ -44,34 +44,36 @@ def correction_prompts(base: list[ScoredGroup], anchors: list[Anchor], template:
     return [correction_messages(base[a.group].row["prompt"], base[a.group].texts[a.sample], template) for a in anchors]
 
 
-def correction_stats(groups: list[CorrectionGroup]) -> dict[str, float]:
+def correction_stats(groups: list[CorrectionGroup]) -> StepStats:
     """Anchors by kind and band, correction rewards raw and shaped, i->c, c->i, retention, lengths.
 
     i->c: share of corrections of failed anchors that are correct; c->i: share of corrections of correct anchors
-    that are wrong; retention = 1 - c->i (it drives rho). A rate without anchors of its kind is NaN rather than
-    missing: Lightning would otherwise log the previous step's value again.
+    that are wrong; retention = 1 - c->i (it drives rho). Reduced over ranks, a rate without anchors of its kind is
+    NaN rather than missing: Lightning would otherwise log the previous step's value again.
     """
     anchors = [g.anchor for g in groups]
     rewards = [r for g in groups for r in g.scored.rewards]
     anchor_rewards = [g.anchor_reward for g in groups for _ in g.scored.rewards]
-    kept = retention(torch.tensor(anchor_rewards), torch.tensor(rewards), CORRECT) if groups else None
-    return {
-        "train/anchors_correct": float(sum(a.correct for a in anchors)),
-        "train/anchors_failed": float(sum(not a.correct for a in anchors)),
-        "train/anchors_in_band": float(sum(a.in_band for a in anchors)),
-        "train/anchors_fallback": float(sum(not a.in_band for a in anchors)),
-        "train/correction_reward_mean": _mean(rewards),
-        "train/correction_reward_shaped_mean": _mean([r for g in groups for r in g.shaped_rewards]),
-        "train/i2c_rate": _mean([r >= CORRECT for r, a in zip(rewards, anchor_rewards, strict=True) if a < CORRECT]),
-        "train/c2i_rate": math.nan if kept is None else 1.0 - kept,
-        "train/retention": math.nan if kept is None else kept,
-        "train/correction_prompt_len_mean": _mean([len(g.scored.prompt_ids) for g in groups]),
-        "train/correction_len_mean": _mean([len(s.token_ids) for g in groups for s in g.scored.samples]),
-    }
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+    kept, of_correct = retention_counts(torch.tensor(anchor_rewards), torch.tensor(rewards), CORRECT)
+    of_failed = [r >= CORRECT for r, a in zip(rewards, anchor_rewards, strict=True) if a < CORRECT]
+    lengths = [len(s.token_ids) for g in groups for s in g.scored.samples]
+    return StepStats(
+        means={
+            "train/correction_reward_mean": (sum(rewards), len(rewards)),
+            "train/correction_reward_shaped_mean": (sum(r for g in groups for r in g.shaped_rewards), len(rewards)),
+            "train/i2c_rate": (sum(of_failed), len(of_failed)),
+            "train/c2i_rate": (of_correct - kept, of_correct),
+            "train/retention": (kept, of_correct),
+            "train/correction_prompt_len_mean": (sum(len(g.scored.prompt_ids) for g in groups), len(groups)),
+            "train/correction_len_mean": (sum(lengths), len(lengths)),
+        },
+        sums={
+            "train/anchors_correct": sum(a.correct for a in anchors),
+            "train/anchors_failed": sum(not a.correct for a in anchors),
+            "train/anchors_in_band": sum(a.in_band for a in anchors),
+            "train/anchors_fallback": sum(not a.in_band for a in anchors),
+        },
+    )
 
 
 def sample_table(groups: list[CorrectionGroup], step: int) -> list[dict[str, Any]]:
