@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from cipo_lightning.callbacks import AdaptiveReplay, RiskShaping
+from cipo_lightning.checkpointing import latest_checkpoint
 from cipo_lightning.data import RolloutDataModule
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.evaluation import Evaluation
@@ -59,6 +61,35 @@ class CIPOLightningCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True):
             kwargs.setdefault("logger", default_loggers(trainer_config.get("default_root_dir") or "runs"))
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        self._resolve_last_checkpoint(start_over=True)
+
+    def before_validate(self) -> None:
+        self._resolve_last_checkpoint(start_over=False)
+
+    def before_test(self) -> None:
+        self._resolve_last_checkpoint(start_over=False)
+
+    def _resolve_last_checkpoint(self, start_over: bool) -> None:
+        """`--ckpt_path last`: the newest complete checkpoint of any earlier run under trainer.default_root_dir.
+
+        Lightning's own "last" looks in this run's new version_N folder, where there is none yet, and would start
+        from scratch with only a warning. Without any checkpoint, fit starts a new run (so one command both starts
+        and resumes a preemptible job); validate and test stop with an error.
+        """
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        root = self.trainer.default_root_dir
+        found = latest_checkpoint(root)
+        if found is None and not start_over:
+            raise ConfigError(f"ckpt_path last: no checkpoint under {root}/version_*/checkpoints/")
+        if found is None:
+            rank_zero_info(f"ckpt_path last: no checkpoint under {root}/version_*/checkpoints/, starting a new run")
+        else:
+            rank_zero_info(f"ckpt_path last: resuming from {found}")
+        config["ckpt_path"] = None if found is None else str(found)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,16 @@ def sum_over_ranks(values: Tensor) -> tuple[Tensor, int]:
     values = values.to(_device())
     dist.all_reduce(values)
     return values.cpu(), dist.get_world_size()
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order; [value] in a single process. A collective: every rank calls
+    it."""
+    if not is_distributed():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
@@ -30,8 +31,9 @@ from cipo_lightning.algorithms import (
     token_weights,
     truncated_is_weights,
 )
+from cipo_lightning.checkpointing import AtomicCheckpointIO, rng_states, set_rng_states
 from cipo_lightning.data.tasks import Row
-from cipo_lightning.distributed import max_over_ranks, sum_over_ranks
+from cipo_lightning.distributed import gather_objects, max_over_ranks, sum_over_ranks
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.evaluation import Evaluation
 from cipo_lightning.models import EMBEDDED_MODEL, resolve_model_path
@@ -147,6 +149,10 @@ class CIPOModule(L.LightningModule):
         self.model_path: str | None = None
         # Counts optimizer steps; the rollout callback pushes weights into the engine when it changes.
         self.policy_version = 0
+        # Steps without an optimizer step (see training_step), since the run began (checkpointed).
+        self.noop_steps = 0
+        self.skipped_steps = 0
+        self._rng_states: list[dict[str, Any]] | None = None
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -200,27 +206,56 @@ class CIPOModule(L.LightningModule):
             yield name, _full(tensor)
 
     def training_step(self, dataloader_iter: Iterator) -> None:
+        """One rollout batch: `updates_per_batch` optimizer steps, with two guards. A batch whose advantages are all
+        zero on every rank (every group's completions scored alike) is a no-op: no forward or backward pass and no
+        update (the optional KL term alone would only pull toward the reference, and AdamW's momentum would still
+        move the weights), counted in train/noop_steps. A non-finite gradient norm (a NaN or inf loss or gradient)
+        skips the update, counted in train/skipped_steps; the weights stay finite, so a NaN model is never synced
+        or saved."""
         batch, _, _ = next(dataloader_iter)
         batch = batch.to(self.device)
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         start = time.perf_counter()
-        # Several updates per batch need the behaviour policy's log-probs fixed before the first one moves it.
         targets = self.loss_targets(batch)
+        # NaN advantages count as signal here: the step then runs and the gradient guard catches them.
+        if not max_over_ranks(int(bool((targets.advantages != 0).any()))):
+            self.noop_steps += 1
+            self._step_without_update(optimizer, scheduler)
+            self.log_dict(self._guard_counts(), on_step=True, on_epoch=False, batch_size=len(batch))
+            return
+        # Several updates per batch need the behaviour policy's log-probs fixed before the first one moves it.
         several_updates = self.hparams.updates_per_batch > 1
         old_logprobs = self.completion_logprobs(batch, targets.micro_batches) if several_updates else None
         for _ in range(self.hparams.updates_per_batch):
             optimizer.zero_grad(set_to_none=True)
             metrics = self.accumulate_policy_gradient(batch, self.manual_backward, old_logprobs, targets)
             max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
-            metrics["train/grad_norm"] = _full(grad_norm).item()
+            grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)).item()
+            metrics["train/grad_norm"] = grad_norm
             metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+            if not math.isfinite(grad_norm):  # the same on every rank: gradients are reduced before the norm
+                self.skipped_steps += 1
+                self._step_without_update(optimizer, scheduler)
+                break
             optimizer.step()
             scheduler.step()
             self.policy_version += 1
         metrics["time/optim"] = time.perf_counter() - start
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+        self.log_dict({**metrics, **self._guard_counts()}, on_step=True, on_epoch=False, batch_size=len(batch))
+
+    @staticmethod
+    def _step_without_update(optimizer, scheduler) -> None:
+        """An optimizer step that changes nothing: torch optimizers skip parameters whose grad is None (no update,
+        no weight decay, no moment update), while Lightning still counts the step, so max_steps, checkpoint
+        intervals and per-step seeds keep counting batches (a repeated step number would resample the same
+        prompts with the same seeds)."""
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        scheduler.step()
+
+    def _guard_counts(self) -> dict[str, float]:
+        return {"train/noop_steps": float(self.noop_steps), "train/skipped_steps": float(self.skipped_steps)}
 
     def configure_callbacks(self) -> list[L.Callback]:
         """An Evaluation callback with its defaults when the Trainer has none (validation needs one)."""
@@ -403,12 +438,38 @@ class CIPOModule(L.LightningModule):
         ).logits[:, :-1]
         return sampled_token_logprobs_and_entropy(logits, batch.completion_ids, batch.temperature, entropy_grad)
 
+    def setup(self, stage: str) -> None:
+        # Atomic checkpoint files (a kill mid-write never leaves a truncated one), unless a plugin chose otherwise.
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        local = (p.to_local() if isinstance(p, DTensor) else p for p in self.policy.parameters())
+        finite = all(bool(torch.isfinite(p).all()) for p in local)
+        if max_over_ranks(int(not finite)):
+            raise RuntimeError(
+                f"refusing to save a checkpoint at step {self.trainer.global_step}: the policy has non-finite "
+                "parameters (lower model.learning_rate or model.max_grad_norm)"
+            )
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
         checkpoint["policy_version"] = self.policy_version
+        checkpoint["guard_counts"] = {"noop_steps": self.noop_steps, "skipped_steps": self.skipped_steps}
+        # Every rank's random state (sampling draws from it), so a resumed run continues each rank's sequence.
+        checkpoint["rng_states"] = gather_objects(rng_states())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.policy_version = checkpoint.get("policy_version", 0)
+        counts = checkpoint.get("guard_counts", {})
+        self.noop_steps, self.skipped_steps = counts.get("noop_steps", 0), counts.get("skipped_steps", 0)
+        self._rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # Restored here, after everything that runs between the checkpoint load and the first step (engine start,
+        # model loading) has drawn random numbers, so the next rollout draws what the interrupted run would have.
+        states, self._rng_states = self._rng_states, None
+        if states is not None and len(states) == self.trainer.world_size:
+            set_rng_states(states[self.trainer.global_rank])
 
 
 def _full(tensor: Tensor) -> Tensor:

@@ -110,6 +110,8 @@ def test_composed_reward_in_config(tmp_path):
         (["--replay.rho_min", "0.9", "--replay.rho_max", "0.5", "--replay.rho", "0.6"], ["replay.rho_min"]),
         (["--shaping.lambda_risk", "-1"], ["shaping.lambda_risk"]),
         (["--rollout.anchor_band", "[0.8, 0.2]"], ["rollout.anchor_band"]),
+        (["--rollout.anchor_band", "[-0.1, 0.5]"], ["rollout.anchor_band"]),
+        (["--replay.rho", "1.5"], ["replay.rho"]),
         (["--rollout.correction_template", "Fix this."], ["rollout.correction_template", "{problem}"]),
     ],
 )

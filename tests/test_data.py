@@ -54,11 +54,11 @@ def test_dataset_task_from_a_local_file_passes_columns_to_the_verifier(tmp_path)
 def test_dataset_task_errors_name_the_file_and_row(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "ok"}\n{"prompt": "  "}\n')
-    with pytest.raises(ConfigError, match=r"rows.jsonl: row 1: the problem text is empty"):
+    with pytest.raises(ConfigError, match=r"rows.jsonl: line 2: the problem text is empty"):
         DatasetTask(str(rows), reward=ParityReward()).load()
-    with pytest.raises(ConfigError, match=r"rows.jsonl: row 0: no column 'question'"):
+    with pytest.raises(ConfigError, match=r"rows.jsonl: line 1: no column 'question'"):
         DatasetTask(str(rows), prompt_column="question", reward=ParityReward()).load()
-    with pytest.raises(ConfigError, match=r"rows.jsonl: row 0: no column 'problem'"):
+    with pytest.raises(ConfigError, match=r"rows.jsonl: line 1: no column 'problem'"):
         DatasetTask(str(rows), format="math500").load()
     with pytest.raises(ConfigError, match="no such file"):
         DatasetTask(str(tmp_path / "missing.jsonl"), reward=ParityReward()).load()

@@ -193,4 +193,6 @@ def test_domain_configs_run_on_the_cpu(config, tiny_model, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = _read_metrics(tmp_path / "version_0")
     assert row["train/anchors_correct"] + row["train/anchors_failed"] >= 1
-    assert "train/correction_reward_mean" in row and row["train/grad_norm"] >= 0
+    assert "train/correction_reward_mean" in row
+    # The random tiny model solves nothing, so every reward is 0 and the step is a logged no-op.
+    assert row["train/grad_norm"] >= 0 if "train/grad_norm" in row else row["train/noop_steps"] == 1

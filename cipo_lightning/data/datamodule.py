@@ -24,7 +24,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
-from cipo_lightning.data.tasks import Row, Task, is_fix_set
+from cipo_lightning.data.tasks import Row, Task, is_fix_set, prompt_token_ids
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.rollout.batch import RolloutBatch
 
@@ -79,6 +79,7 @@ class RolloutDataModule(L.LightningDataModule):
         eval_tasks: list[Task] | None = None,
         eval_max_problems: int | None = None,
         eval_batch_size: int = 64,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         """
         Args:
@@ -92,19 +93,25 @@ class RolloutDataModule(L.LightningDataModule):
             eval_max_problems: evaluate at most the first this many problems of each set (None: all).
             eval_batch_size: problems per evaluation batch on each rank (each sampled eval.n times); the engine
                 batches them all at once, so larger is faster until memory runs out.
+            max_prompt_tokens: the longest prompt, in tokens after the chat template, of a training or eval row;
+                checked when fit starts, before any generation. A longer one stops the run with an error naming
+                the row, or is skipped and counted when its task sets skip_bad_rows. None: no check (the engine's
+                max_model_len still bounds prompt + completion).
         """
         super().__init__()
         for key, value in {"prompts_per_step": prompts_per_step, "eval_batch_size": eval_batch_size}.items():
             if value < 1:
                 raise ConfigError(f"data.{key} must be >= 1, got {value}")
-        if eval_max_problems is not None and eval_max_problems < 1:
-            raise ConfigError(f"data.eval_max_problems must be >= 1 (or null), got {eval_max_problems}")
+        for key, value in {"eval_max_problems": eval_max_problems, "max_prompt_tokens": max_prompt_tokens}.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{key} must be >= 1 (or null), got {value}")
         self.task = task
         self.prompts_per_step = prompts_per_step
         self.seed = seed
         self.eval_tasks = list(eval_tasks or [])
         self.eval_max_problems = eval_max_problems
         self.eval_batch_size = eval_batch_size
+        self.max_prompt_tokens = max_prompt_tokens
         self.train_rows: list[Row] = []
         self.val_rows: list[Row] = []
         self.eval_sets: list[EvalSet] = []
@@ -141,6 +148,33 @@ class RolloutDataModule(L.LightningDataModule):
             rows = rows[: self.eval_max_problems]
             sets.append(EvalSet(label, task, rows, is_fix_set(rows, label)))
         return sets
+
+    def check_prompt_lengths(self, tokenizer: Any) -> int:
+        """Apply data.max_prompt_tokens to the training rows and the eval sets (see __init__); the number of rows
+        skipped."""
+        if self.max_prompt_tokens is None:
+            return 0
+        skipped = 0
+        sets = [("training", self.task, self.train_rows)] + [
+            (f"eval set {s.label!r}", s.task, s.rows) for s in self.eval_sets
+        ]
+        for kind, task, rows in sets:
+            kept = []
+            for index, row in enumerate(rows):
+                length = len(prompt_token_ids(tokenizer, row["prompt"]))
+                if length <= self.max_prompt_tokens:
+                    kept.append(row)
+                    continue
+                skipped += 1
+                reason = f"the prompt has {length} tokens, over data.max_prompt_tokens {self.max_prompt_tokens}"
+                task.bad_row(f"{kind} row {index} of {task.label}", reason)
+            if task.skipped_rows:
+                task.warn_skipped()
+            rows[:] = kept
+        if not self.train_rows:
+            raise ConfigError(f"data.max_prompt_tokens {self.max_prompt_tokens}: no training row is that short")
+        self._shuffle()
+        return skipped
 
     def _shuffle(self) -> None:
         self._order = list(range(len(self.train_rows)))

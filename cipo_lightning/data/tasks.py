@@ -11,8 +11,9 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -30,13 +31,29 @@ MATH_FORMATS = ("math500", "aime", "gsm8k")
 class Task(ABC):
     """Prompts plus the verifier for their replies."""
 
-    def __init__(self, reward: RewardFunction | None) -> None:
+    def __init__(self, reward: RewardFunction | None, skip_bad_rows: bool = False) -> None:
         if reward is None:
             raise ConfigError(
                 f"data.task: {type(self).__name__} has no verifier; set data.task.init_args.reward to a reward "
                 "function (class_path: cipo_lightning.rewards....)"
             )
         self.reward = reward
+        self.skip_bad_rows = skip_bad_rows
+        self.skipped_rows: list[str] = []  # why each skipped row was skipped ("file: line 3: ...")
+
+    def bad_row(self, where: str, reason: str) -> None:
+        """A row that cannot be used: a ConfigError naming it, or with skip_bad_rows, noted and skipped."""
+        if not self.skip_bad_rows:
+            raise ConfigError(f"{where}: {reason} (data.task.init_args.skip_bad_rows: true skips such rows)")
+        self.skipped_rows.append(f"{where}: {reason}")
+
+    def warn_skipped(self) -> None:
+        if self.skipped_rows:
+            warnings.warn(
+                f"data.task {self.label}: skipped {len(self.skipped_rows)} bad rows (skip_bad_rows), the first: "
+                f"{self.skipped_rows[0]}",
+                stacklevel=2,
+            )
 
     @property
     def label(self) -> str:
@@ -75,6 +92,11 @@ def is_fix_set(rows: list[Row], label: str) -> bool:
     return bool(rows) and all(has_attempt)
 
 
+def prompt_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """A chat prompt's token ids with the model's chat template, ending where the assistant's reply begins."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+
+
 def user_prompt(text: str, system_prompt: str | None = None) -> list[dict[str, str]]:
     """Chat messages for one user turn, with an optional system turn."""
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -94,6 +116,7 @@ class ReasoningGymTask(Task):
         instruction: str = " Give only the final number.",
         system_prompt: str | None = None,
         reward: RewardFunction | None = None,
+        skip_bad_rows: bool = False,
     ) -> None:
         """
         Args:
@@ -107,8 +130,10 @@ class ReasoningGymTask(Task):
             instruction: appended to each question (the answer format the verifier expects).
             system_prompt: optional system message.
             reward: verifier; default: ReasoningGymReward for `name` (strict 1.0 / 0.0).
+            skip_bad_rows: skip problems whose prompt is over data.max_prompt_tokens (counted and warned) instead
+                of stopping with an error naming the first.
         """
-        super().__init__(reward if reward is not None else ReasoningGymReward(name))
+        super().__init__(reward if reward is not None else ReasoningGymReward(name), skip_bad_rows)
         self.name = name
         self.dataset_kwargs = dict(dataset_kwargs or {})
         self.train_size = train_size
@@ -157,20 +182,22 @@ class RecordTask(Task):
         instruction: str,
         system_prompt: str | None,
         reward: RewardFunction | None,
+        skip_bad_rows: bool,
     ) -> None:
         if reward is None and format is not None:
             reward = default_reward(format)
-        super().__init__(reward)
+        super().__init__(reward, skip_bad_rows)
         self.format = format
         self.prompt_column = prompt_column
         self.columns = dict(columns or {})
         self.instruction = instruction
         self.system_prompt = system_prompt
 
-    def rows(self, records: Iterable[Record], source: str) -> list[Row]:
-        """Task rows from records; a bad record stops loading with an error that names `source` and the row."""
+    def rows(self, records: Iterable[tuple[str, Record]], source: str) -> list[Row]:
+        """Task rows from (where, record) pairs ("line 3", "row 2"); a bad record stops loading with an error naming
+        `source` and where it is, or is skipped and noted with skip_bad_rows."""
         rows = []
-        for index, record in enumerate(records):
+        for where, record in records:
             record = {self.columns.get(key, key): value for key, value in record.items()}
             try:
                 if self.format is not None:
@@ -178,17 +205,45 @@ class RecordTask(Task):
                 else:
                     fields = {"problem": record.pop(self.prompt_column), **record}
             except KeyError as err:
-                raise ConfigError(
-                    f"{source}: row {index}: no column {err.args[0]!r} (has {sorted(record)}; "
-                    "data.task.columns renames columns)"
-                ) from err
+                self.bad_row(
+                    f"{source}: {where}",
+                    f"no column {err.args[0]!r} (has {sorted(record)}; data.task.columns renames columns)",
+                )
+                continue
             except (ValueError, TypeError) as err:
-                raise ConfigError(f"{source}: row {index}: {err}") from err
+                self.bad_row(f"{source}: {where}", str(err))
+                continue
             problem = fields.pop("problem")
             if not isinstance(problem, str) or not problem.strip():
-                raise ConfigError(f"{source}: row {index}: the problem text is empty or not text")
+                self.bad_row(f"{source}: {where}", "the problem text is empty or not text")
+                continue
             rows.append({"prompt": user_prompt(problem + self.instruction, self.system_prompt), **fields})
         return rows
+
+
+def read_jsonl(path: Path, task: Task) -> Iterator[tuple[str, Record]]:
+    """("line N", record) for each non-blank line of a JSON Lines file; invalid UTF-8, invalid JSON or a value that
+    is not an object is a bad row (task.bad_row). Read here rather than by `datasets`, which reports neither the
+    line nor accepts a column whose type differs between rows."""
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            where = f"{path}: line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                task.bad_row(where, f"invalid UTF-8 at byte {err.start}")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                task.bad_row(where, f"not JSON ({err.msg} at column {err.colno})")
+                continue
+            if not isinstance(record, dict):
+                task.bad_row(where, f"not a JSON object (a {type(record).__name__})")
+                continue
+            yield f"line {number}", record
 
 
 def default_reward(format: Format) -> RewardFunction:
@@ -214,6 +269,7 @@ class DatasetTask(RecordTask):
         instruction: str = "",
         system_prompt: str | None = None,
         reward: RewardFunction | None = None,
+        skip_bad_rows: bool = False,
     ) -> None:
         """
         Args:
@@ -232,8 +288,11 @@ class DatasetTask(RecordTask):
             system_prompt: optional system message.
             reward: verifier; default for a format: MathAnswerReward (math) or CodeTestsReward (code); required
                 when format is None.
+            skip_bad_rows: skip bad rows (invalid UTF-8 or JSON, missing columns, empty or non-text problems,
+                prompts over data.max_prompt_tokens), counted and warned, instead of stopping at the first with an
+                error naming its file and line or row.
         """
-        super().__init__(format, prompt_column, columns, instruction, system_prompt, reward)
+        super().__init__(format, prompt_column, columns, instruction, system_prompt, reward, skip_bad_rows)
         self.path = path
         self.split = split
         self.val_path = val_path
@@ -246,28 +305,35 @@ class DatasetTask(RecordTask):
         return path.stem if path.suffix in LOCAL_FORMATS else self.path.replace("/", "_")
 
     def load(self) -> tuple[list[Row], list[Row]]:
+        self.skipped_rows = []
         train = self.rows(self._records(self.path, self.split), self.path)
-        if self.val_path is None and self.val_split is None:
-            return train, []
-        val_path = self.val_path or self.path
-        return train, self.rows(self._records(val_path, self.val_split or "train"), val_path)
+        val = []
+        if self.val_path is not None or self.val_split is not None:
+            val_path = self.val_path or self.path
+            val = self.rows(self._records(val_path, self.val_split or "train"), val_path)
+        self.warn_skipped()
+        return train, val
 
-    def _records(self, path: str, split: str) -> Iterable[Record]:
+    def _records(self, path: str, split: str) -> Iterable[tuple[str, Record]]:
         import datasets
 
         local = Path(path)
         if local.suffix in LOCAL_FORMATS:
             if not local.is_file():
                 raise ConfigError(f"data.task: no such file {path!r}")
-            return datasets.load_dataset(LOCAL_FORMATS[local.suffix], data_files=str(local), split="train")
+            if local.suffix == ".jsonl":
+                return read_jsonl(local, self)
+            records = datasets.load_dataset(LOCAL_FORMATS[local.suffix], data_files=str(local), split="train")
+            return ((f"row {index}", record) for index, record in enumerate(records))
         try:
-            return datasets.load_dataset(path, self.subset, split=split)
+            records = datasets.load_dataset(path, self.subset, split=split)
         except Exception as err:  # datasets raises many kinds (offline, missing, bad split): all are config errors
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(
                 f"data.task.path: cannot load {path!r} split {split!r} (local files must end in "
                 f"{', '.join(LOCAL_FORMATS)}): {first_line}"
             ) from err
+        return ((f"row {index}", record) for index, record in enumerate(records))
 
 
 class BundledTask(RecordTask):
@@ -283,6 +349,7 @@ class BundledTask(RecordTask):
         instruction: str = "",
         system_prompt: str | None = None,
         reward: RewardFunction | None = None,
+        skip_bad_rows: bool = False,
     ) -> None:
         """
         Args:
@@ -292,8 +359,9 @@ class BundledTask(RecordTask):
             instruction: appended to every problem.
             system_prompt: optional system message.
             reward: verifier; default: MathAnswerReward (math sets) or CodeTestsReward (code sets).
+            skip_bad_rows: skip prompts over data.max_prompt_tokens (counted and warned) instead of stopping.
         """
-        super().__init__(name, "prompt", None, instruction, system_prompt, reward)
+        super().__init__(name, "prompt", None, instruction, system_prompt, reward, skip_bad_rows)
         if val_size < 0:
             raise ConfigError(f"data.task.val_size must be >= 0, got {val_size}")
         self.name = name
@@ -305,7 +373,10 @@ class BundledTask(RecordTask):
         return self.name
 
     def load(self) -> tuple[list[Row], list[Row]]:
-        rows = self.rows(bundled_records(self.name), f"bundled {self.name}")
+        self.skipped_rows = []
+        records = ((f"row {index}", record) for index, record in enumerate(bundled_records(self.name)))
+        rows = self.rows(records, f"bundled {self.name}")
+        self.warn_skipped()
         if self.val_size >= len(rows):
             raise ConfigError(f"data.task.val_size {self.val_size} leaves no training rows of {len(rows)}")
         order = list(range(len(rows)))

@@ -32,7 +32,7 @@ from cipo_lightning.algorithms import group_stats, select_anchors
 from cipo_lightning.algorithms.cipo import DEFAULT_CORRECTION_TEMPLATE, check_correction_template
 from cipo_lightning.callbacks.replay import AdaptiveReplay
 from cipo_lightning.callbacks.shaping import RiskShaping
-from cipo_lightning.data.tasks import Row, Task
+from cipo_lightning.data.tasks import Row, Task, prompt_token_ids
 from cipo_lightning.distributed import StepStats, max_over_ranks
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.rollout.batch import (
@@ -158,6 +158,12 @@ class RolloutCallback(L.Callback):
             needed_by = "rollout.algorithm cipo"
             self._replay = the_callback(trainer, AdaptiveReplay, "replay", needed_by, "; or set algorithm grpo")
             self._shaping = the_callback(trainer, RiskShaping, "shaping", needed_by, "; or set algorithm grpo")
+        datamodule = trainer.datamodule
+        datamodule.check_prompt_lengths(pl_module.tokenizer)
+        tasks = {id(t): t for t in [datamodule.task, *(s.task for s in datamodule.eval_sets)] if t is not None}
+        skipped = sum(len(t.skipped_rows) for t in tasks.values())
+        for logger in trainer.loggers if skipped else []:  # once per run: rows dropped by skip_bad_rows
+            logger.log_metrics({"data/skipped_rows": float(skipped)}, step=trainer.global_step)
         self.start_engine(trainer, pl_module)
 
     def start_engine(self, trainer: L.Trainer, pl_module: L.LightningModule) -> RolloutEngine:
@@ -335,7 +341,7 @@ def sample_scored_groups(
     """Render `messages` with the chat template, sample `sampling.n` completions of each with `engine`, decode them
     and score them with the task's verifier against `rows[i]`. Adds seconds to times[timer] and times["time/verify"]."""
     times = times if times is not None else {}
-    prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=False) for m in messages]
+    prompts = [prompt_token_ids(tokenizer, m) for m in messages]
     start = time.perf_counter()
     sampled = engine.generate(prompts, sampling)
     times[timer] = times.get(timer, 0.0) + time.perf_counter() - start

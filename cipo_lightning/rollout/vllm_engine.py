@@ -105,7 +105,16 @@ class VLLMEngine(RolloutEngine):
         # Seeded: a per-request seed for each prompt (vLLM then draws its samples from their own generator).
         seed = sampling.seed
         per_prompt = params(None) if seed is None else [params(derived_seed(seed, p)) for p in prompts]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], per_prompt, use_tqdm=False)
+        try:
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], per_prompt, use_tqdm=False)
+        except Exception as err:  # vLLM raises many types; all mean the same to the user
+            longest = max(len(p) for p in prompts) + sampling.max_new_tokens
+            raise RuntimeError(
+                f"vLLM failed to generate: {err}. The longest request needs {longest} tokens (prompt + max new "
+                f"tokens) against rollout.engine.init_args.max_model_len {self.max_model_len}; raise it, shorten "
+                "rollout.max_new_tokens, or cap prompts with data.max_prompt_tokens. Out of memory: lower "
+                "rollout.engine.init_args.kv_cache_memory_gb or gpu_memory_utilization, or data.prompts_per_step."
+            ) from err
         return [[self._to_sample(c) for c in out.outputs] for out in outputs]
 
     @staticmethod
