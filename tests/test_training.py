@@ -149,7 +149,7 @@ def test_vllm_quickstart_config_trains_cipo_on_policy_and_resumes_rho(tiny_model
                 "train/correction_reward_mean", "train/correction_reward_shaped_mean", "train/i2c_rate",
                 "train/c2i_rate", "train/retention", "train/base_loss", "train/correction_loss",
                 "train/base_clip_frac", "train/correction_clip_frac", "train/correction_prompt_len_mean",
-                "train/correction_len_mean", "time/correction_rollout"):  # fmt: skip
+                "train/correction_len_mean", "time/correction_rollout", "time/step"):  # fmt: skip
         assert key in rows[0], key
     assert rows[0]["train/anchors_correct"] == rows[0]["train/anchors_failed"] == 1  # rho 0.5 of 2 anchors
     assert all(row["train/anchors_correct"] + row["train/anchors_failed"] == 2 for row in rows)

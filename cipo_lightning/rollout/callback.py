@@ -150,6 +150,7 @@ class RolloutCallback(L.Callback):
         self._started = False
         self._seed = 0
         self._run_seed = 0
+        self._step_start = 0.0
         self._replay: AdaptiveReplay | None = None
         self._shaping: RiskShaping | None = None
 
@@ -195,6 +196,7 @@ class RolloutCallback(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._step_start = time.perf_counter()
         times = {"time/rollout": 0.0, "time/verify": 0.0}
         self.sync_weights(pl_module, times)
         datamodule = trainer.datamodule
@@ -224,6 +226,13 @@ class RolloutCallback(L.Callback):
         size = len(groups)
         pl_module.log("train/reward_mean", reward, prog_bar=True, on_step=True, on_epoch=False, batch_size=size)
         pl_module.log_dict(logged, on_step=True, on_epoch=False, batch_size=size)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # The whole step (weight sync, rollouts, verification, corrections, the module's updates), slowest rank.
+        step = StepStats(maxima={"time/step": time.perf_counter() - self._step_start}).reduce()
+        pl_module.log_dict(step, on_step=True, on_epoch=False, batch_size=1)
 
     def sync_weights(self, pl_module: L.LightningModule, times: dict[str, float]) -> None:
         """Push the policy's weights into the engine if they changed since the last push."""

@@ -1,0 +1,69 @@
+"""Step time of the quickstart config, GRPO and CIPO side by side: where a step's time goes, the overhead over the
+two unavoidable parts, CIPO's cost over GRPO at the same base batch, and peak memory.
+
+Each algorithm trains `--steps` steps of configs/quickstart.yaml (embedded model, vLLM, 4 prompts x 8 samples; CIPO
+adds 2 anchors x 4 corrections) in its own process, without validation; the first step (engine warm-up) is left
+out. From metrics.csv, per step (median over steps):
+  rollout = time/rollout + time/correction_rollout (generation), verify = time/verify, sync = time/weight_sync,
+  optim = time/optim (policy forward, backward and optimizer step; a reference forward too when model.beta > 0,
+  0 in this config), other = time/step - the rest;
+  overhead = time/step / (rollout + optim) (target <= 1.15).
+Peak memory is the process's maximum resident set (the engine runs in the trainer's process).
+
+    python benchmarks/step_time.py [--steps 6] [extra CLI overrides, e.g. --model.model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from common import train_quickstart
+
+PARTS = ("rollout", "verify", "sync", "optim", "other")
+
+
+def step_parts(algorithm: str, steps: int, root: Path, extra: list[str]) -> tuple[dict[str, float], float]:
+    """Median seconds per part over steps 1.. of one quickstart training run, and its peak RSS in GB."""
+    rows, peak_gb = train_quickstart(["--algorithm", algorithm, *extra], steps, root)
+    parts = {part: [] for part in (*PARTS, "step")}
+    for row in rows[1:]:
+        known = {
+            "rollout": row["time/rollout"] + row.get("time/correction_rollout", 0.0),
+            "verify": row["time/verify"],
+            "sync": row["time/weight_sync"],
+            "optim": row.get("time/optim", 0.0),
+        }
+        known["other"] = row["time/step"] - sum(known.values())
+        known["step"] = row["time/step"]
+        for part, value in known.items():
+            parts[part].append(value)
+    return {part: statistics.median(values) for part, values in parts.items()}, peak_gb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6, help="steps per algorithm (the first is left out)")
+    args, extra = parser.parse_known_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for algorithm in ("grpo", "cipo"):
+            results[algorithm] = step_parts(algorithm, args.steps, Path(tmp) / algorithm, extra)
+
+    print(f"configs/quickstart.yaml {' '.join(extra)}, median of steps 1-{args.steps - 1} (seconds)")
+    print(f"{'':6s}" + "".join(f"{name:>9s}" for name in (*PARTS, "step", "overhead", "peak GB")))
+    for algorithm, (parts, peak_gb) in results.items():
+        overhead = parts["step"] / (parts["rollout"] + parts["optim"])
+        cells = [f"{parts[name]:9.2f}" for name in (*PARTS, "step")] + [f"{overhead:9.3f}", f"{peak_gb:9.2f}"]
+        print(f"{algorithm:6s}" + "".join(cells))
+    grpo, cipo = (results[a][0]["step"] for a in ("grpo", "cipo"))
+    print("overhead = step / (rollout + optim), target <= 1.15")
+    print(f"CIPO step / GRPO step at the same base batch: {cipo / grpo:.2f}")
+    print(json.dumps({a: {"parts": p, "peak_gb": m} for a, (p, m) in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
