@@ -149,12 +149,11 @@ class RolloutDataModule(L.LightningDataModule):
             sets.append(EvalSet(label, task, rows, is_fix_set(rows, label)))
         return sets
 
-    def check_prompt_lengths(self, tokenizer: Any) -> int:
-        """Apply data.max_prompt_tokens to the training rows and the eval sets (see __init__); the number of rows
-        skipped."""
+    def check_prompt_lengths(self, tokenizer: Any) -> None:
+        """Apply data.max_prompt_tokens to the training rows and the eval sets (see __init__); skipped rows are
+        noted in their task's skipped_rows."""
         if self.max_prompt_tokens is None:
-            return 0
-        skipped = 0
+            return
         sets = [("training", self.task, self.train_rows)] + [
             (f"eval set {s.label!r}", s.task, s.rows) for s in self.eval_sets
         ]
@@ -165,16 +164,14 @@ class RolloutDataModule(L.LightningDataModule):
                 if length <= self.max_prompt_tokens:
                     kept.append(row)
                     continue
-                skipped += 1
                 reason = f"the prompt has {length} tokens, over data.max_prompt_tokens {self.max_prompt_tokens}"
                 task.bad_row(f"{kind} row {index} of {task.label}", reason)
-            if task.skipped_rows:
+            if len(kept) < len(rows):  # warn once per set that lost rows here, not again for load-time skips
                 task.warn_skipped()
             rows[:] = kept
         if not self.train_rows:
             raise ConfigError(f"data.max_prompt_tokens {self.max_prompt_tokens}: no training row is that short")
         self._shuffle()
-        return skipped
 
     def _shuffle(self) -> None:
         self._order = list(range(len(self.train_rows)))
