@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from cipo_lightning.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs the CLI in this process and reports its peak RSS (a colocated vLLM engine lives in the same process).
@@ -31,8 +32,5 @@ def train_quickstart(overrides: list[str], steps: int, root: Path) -> tuple[list
     if result.returncode != 0:
         sys.exit(f"training run {' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
     peak_kb = int(result.stdout.split("PEAK_RSS_KB ")[1].split()[0])
-    by_step: dict[int, dict[str, float]] = {}
-    with (root / "version_0" / "metrics.csv").open() as file:
-        for row in csv.DictReader(file):
-            by_step.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v})
-    return [by_step[step] for step in sorted(by_step) if "time/step" in by_step[step]], peak_kb / 2**20
+    steps = read_metrics(root / "version_0").values()
+    return [metrics for metrics in steps if "time/step" in metrics], peak_kb / 2**20

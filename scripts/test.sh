@@ -3,6 +3,6 @@
 # Extra arguments go to pytest, e.g. -m "not slow" or -k loss.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-.venv/bin/ruff check cipo_lightning tests
-.venv/bin/ruff format --check cipo_lightning tests
+.venv/bin/ruff check cipo_lightning tests benchmarks experiments
+.venv/bin/ruff format --check cipo_lightning tests benchmarks experiments
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,349 @@
+"""GRPO vs CIPO on the quickstart task over several seeds: does training on the model's own corrections help?
+
+One command runs the whole study and writes its report:
+
+    python experiments/study.py        # 3 seeds x {grpo, cipo}, 8 steps each: under an hour on a 2-core CPU
+
+Each run is the quickstart (configs/quickstart.yaml) with experiments/study.yaml on top (learning rate, held-out
+problems, no checkpoints) and `--algorithm grpo|cipo`; seed S sets both seed_everything and the prompt order
+(data.seed), so the two algorithms of a seed see the same prompts. Validation runs every --val-every steps; step 0
+of every curve is the starting model, validated once (`validate` with the same config). Any other option is passed
+to every CLI run, e.g. a quick look: `--seeds 0 --steps 1 --val-every 1 --data.eval_max_problems 4`.
+
+Runs land in --out (default runs/study):
+
+    base/version_0/eval/val_step0.json      the starting model
+    <algorithm>/seed<S>/version_0/          metrics.csv and eval/val_step<N>.json of each training run
+
+and the report in --report-dir (default docs/study, where the write-up docs/study.md points):
+
+    study.json           every curve point of every run, and the summary over seeds
+    summary.md           the summary table
+    pass_at_k.png        held-out pass@1 and pass@4 against steps and against training wall time
+    corrections.png      held-out two-turn correction (acc@t2 - acc@t1, i->c rate, retention) of both algorithms, and
+                         CIPO's training-time i->c, c->i and retention
+
+Wall time on the x axis is the summed `time/step` of the training steps (rollouts, corrections, verification,
+weight sync, optimisation): it leaves out start-up and validation, which do not depend on the algorithm.
+
+Finished runs are reused, so a rerun after an interruption trains only what is missing; --fresh starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cipo_lightning.runs import read_eval_reports, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+ALGORITHMS = ("grpo", "cipo")
+# Held-out metrics (averaged over eval sets by the Evaluation callback) and training-time correction metrics.
+EVAL_KEYS = (
+    "pass@1",
+    "pass@2",
+    "pass@4",
+    "acc@t1",
+    "acc@t2",
+    "delta",
+    "delta_i2c",
+    "delta_c2i",
+    "i2c_rate",
+    "retention",
+)
+TRAIN_KEYS = ("train/reward_mean", "train/i2c_rate", "train/c2i_rate", "train/retention", "train/rho", "time/step")
+
+
+def run_cli(subcommand: str, args: list[str], root: Path) -> None:
+    """One CLI run of the study's config logging under `root`; its wall-clock seconds go to root/seconds.txt (kept
+    for reports of later, resumed calls), its output to root/log.txt, and a failure stops the study with the end of
+    that log."""
+    root.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "cipo_lightning", subcommand, "--config", "configs/quickstart.yaml",
+               "--config", "experiments/study.yaml", "--trainer.default_root_dir", str(root), *args]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    start = time.perf_counter()
+    with (root / "log.txt").open("w") as log:
+        result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        tail = (root / "log.txt").read_text()[-3000:]
+        sys.exit(f"{' '.join(command)} failed (rc {result.returncode}), log {root / 'log.txt'}:\n{tail}")
+    (root / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+
+
+def is_finished(run_dir: Path, last_step: int) -> bool:
+    return (run_dir / "eval" / f"val_step{last_step}.json").exists()
+
+
+def run_study(seeds: list[int], steps: int, val_every: int, out: Path, fresh: bool, extra: list[str]) -> int:
+    """Trains and validates what is missing under `out`; returns how many runs it did."""
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    done = 0
+    base = out / "base"
+    if not is_finished(base / "version_0", 0):
+        shutil.rmtree(base, ignore_errors=True)  # an interrupted run: start it over in version_0
+        print("validating the starting model", flush=True)
+        run_cli("validate", ["--seed_everything", str(seeds[0]), *extra], base)
+        done += 1
+    for seed in seeds:
+        for algorithm in ALGORITHMS:
+            root = out / algorithm / f"seed{seed}"
+            if is_finished(root / "version_0", steps):
+                continue
+            shutil.rmtree(root, ignore_errors=True)
+            print(f"training {algorithm}, seed {seed}, {steps} steps", flush=True)
+            args = ["--seed_everything", str(seed), "--data.seed", str(seed), "--algorithm", algorithm,
+                    "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(val_every),
+                    *extra]  # fmt: skip
+            run_cli("fit", args, root)
+            done += 1
+    return done
+
+
+def with_rates(metrics: dict[str, float]) -> dict[str, float]:
+    """The held-out metrics plus the two-turn transitions as rates like the training metrics: i2c_rate among wrong
+    first answers, retention among right ones (delta_i2c and delta_c2i are fractions of all samples); NaN when
+    there are no such first answers."""
+    wrong, right = 1 - metrics["acc@t1"], metrics["acc@t1"]
+    rates = {
+        "i2c_rate": metrics["delta_i2c"] / wrong if wrong else math.nan,
+        "retention": 1 - metrics["delta_c2i"] / right if right else math.nan,
+    }
+    return {key: metrics[key] for key in EVAL_KEYS if key in metrics} | rates
+
+
+def collect_run(base_dir: Path, run_dir: Path) -> dict[str, Any]:
+    """One run's curves: held-out metrics at step 0 (the starting model) and at each validation, each with the
+    training wall time up to that step; and the training metrics of every step."""
+    train = read_metrics(run_dir)
+    train_steps = {step: metrics for step, metrics in train.items() if "time/step" in metrics}
+    reports = read_eval_reports(base_dir, "val") | {
+        step: report for step, report in read_eval_reports(run_dir, "val").items() if step > 0
+    }
+    points = []
+    for step, report in reports.items():
+        # Metrics of training step i are logged at step i and validation after it at global_step i + 1.
+        wall_s = sum(metrics["time/step"] for s, metrics in train_steps.items() if s < step)
+        points.append({"step": step, "wall_s": wall_s} | with_rates(report["average"]))
+    per_step = [
+        {"step": step} | {k: metrics[k] for k in TRAIN_KEYS if k in metrics} for step, metrics in train_steps.items()
+    ]
+    return {"eval": points, "train": per_step, "last_by_problem": accuracy_by_problem(run_dir, points[-1]["step"])}
+
+
+def accuracy_by_problem(run_dir: Path, step: int) -> dict[str, float]:
+    """Mean first-attempt reward of each held-out problem at the validation after `step` steps (from the samples
+    files, one per rank), for the paired comparison of two runs problem by problem."""
+    rewards: dict[str, list[float]] = {}
+    for path in sorted((run_dir / "eval").glob(f"val_step{step}_samples*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            rewards.setdefault(f"{record['set']}: {record['problem']}", []).append(record["reward"])
+    return {problem: statistics.fmean(values) for problem, values in rewards.items()}
+
+
+def paired_bootstrap(differences: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean of per-problem differences, resampling problems with replacement: how much of a
+    gap between two algorithms the choice of held-out problems alone could produce."""
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(differences, k=len(differences))) for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and standard deviation of the values that are not NaN (a rate with nothing to count); NaN if none."""
+    values = [value for value in values if not math.isnan(value)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Per algorithm over seeds: the last validation's held-out metrics, the change from the starting model, the
+    training-time correction rates and time per step; and CIPO minus GRPO per seed (the same seed shares the
+    starting validation and the prompt order)."""
+    summary: dict[str, Any] = {}
+    for algorithm, by_seed in runs.items():
+        last = [run["eval"][-1] for run in by_seed.values()]
+        first = [run["eval"][0] for run in by_seed.values()]
+        steps = [row for run in by_seed.values() for row in run["train"]]
+        entry = {"seeds": sorted(by_seed), "last_step": last[0]["step"]}
+        for key in EVAL_KEYS:
+            entry[key] = mean_sd([point[key] for point in last])
+            entry[f"{key} change"] = mean_sd([b[key] - a[key] for a, b in zip(first, last, strict=True)])
+        for key in ("train/i2c_rate", "train/c2i_rate", "train/retention", "time/step"):
+            values = [row[key] for row in steps if key in row]
+            if values:
+                entry[key] = mean_sd(values)
+        entry["train_wall_s"] = mean_sd([run["eval"][-1]["wall_s"] for run in by_seed.values()])
+        summary[algorithm] = entry
+    seeds = sorted(set(runs["grpo"]) & set(runs["cipo"]))
+    summary["cipo minus grpo"] = {
+        key: [runs["cipo"][s]["eval"][-1][key] - runs["grpo"][s]["eval"][-1][key] for s in seeds] for key in EVAL_KEYS
+    } | {"seeds": seeds}
+    # pass@1 per problem, CIPO minus GRPO, averaged over seeds (both algorithms see the same problems).
+    problems = sorted(set.intersection(*(set(run["last_by_problem"]) for r in runs.values() for run in r.values())))
+    differences = [
+        statistics.fmean(runs["cipo"][s]["last_by_problem"][p] - runs["grpo"][s]["last_by_problem"][p] for s in seeds)
+        for p in problems
+    ]
+    summary["cipo minus grpo"]["pass@1 over problems"] = {
+        "mean": statistics.fmean(differences),
+        "95% bootstrap interval": paired_bootstrap(differences),
+        "problems": len(problems),
+    }
+    return summary
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    rows = [("held-out pass@1", "pass@1"), ("held-out pass@4", "pass@4"),
+            ("pass@1 change from step 0", "pass@1 change"), ("pass@4 change from step 0", "pass@4 change"),
+            ("two-turn acc@t1", "acc@t1"), ("two-turn acc@t2", "acc@t2"),
+            ("two-turn delta_i2c", "delta_i2c"), ("two-turn delta_c2i", "delta_c2i"),
+            ("held-out i->c rate", "i2c_rate"), ("held-out retention", "retention"),
+            ("training i->c rate (all steps)", "train/i2c_rate"), ("training c->i rate (all steps)", "train/c2i_rate"),
+            ("training retention (all steps)", "train/retention"), ("seconds per step (all steps)", "time/step"),
+            ("training wall time (s)", "train_wall_s")]  # fmt: skip
+    grpo = summary["grpo"]
+    lines = [f"Last validation (step {grpo['last_step']}), mean ± sd over seeds {grpo['seeds']}; rows marked"
+             " (all steps): mean ± sd over every training step of every seed.", "",
+             "| metric | " + " | ".join(ALGORITHMS) + " |", "|---" * (len(ALGORITHMS) + 1) + "|"]  # fmt: skip
+    for label, key in rows:
+        cells = [
+            f"{summary[a][key][0]:.3f} ± {summary[a][key][1]:.3f}" if key in summary[a] else "" for a in ALGORITHMS
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    diff = summary["cipo minus grpo"]
+    lines += ["", "CIPO minus GRPO at the last validation, per seed " + str(diff["seeds"]) + ":", ""]
+    lines += [f"- {key}: " + ", ".join(f"{v:+.3f}" for v in diff[key]) for key in ("pass@1", "pass@4", "acc@t2")]
+    paired = diff["pass@1 over problems"]
+    low, high = paired["95% bootstrap interval"]
+    lines.append(
+        f"- pass@1 problem by problem ({paired['problems']} problems, mean over seeds): {paired['mean']:+.3f}, "
+        f"95% paired-bootstrap interval over problems [{low:+.3f}, {high:+.3f}]"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[str, dict[int, dict[str, Any]]], report_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    colors = {"grpo": "tab:blue", "cipo": "tab:orange"}
+
+    def draw(ax: Any, x_key: str, y_key: str, source: str = "eval", scale: float = 1.0) -> None:
+        for algorithm, by_seed in runs.items():
+            curves = [[(p[x_key] * scale, p[y_key]) for p in run[source] if y_key in p] for run in by_seed.values()]
+            for curve in curves:
+                ax.plot(*zip(*curve, strict=True), color=colors[algorithm], alpha=0.25, linewidth=1)
+            # The mean over seeds at each step (wall times differ between seeds: their mean is the x).
+            length = min(len(c) for c in curves)
+            xs = [statistics.fmean(c[i][0] for c in curves) for i in range(length)]
+            ys = [
+                statistics.fmean([c[i][1] for c in curves if c[i][1] == c[i][1]] or [math.nan]) for i in range(length)
+            ]
+            ax.plot(xs, ys, color=colors[algorithm], linewidth=2.2, marker="o", markersize=3, label=algorithm)
+        ax.set_ylabel(y_key)
+        ax.grid(alpha=0.3)
+
+    seeds = sorted(next(iter(runs.values())))
+    paths = [report_dir / "pass_at_k.png", report_dir / "corrections.png"]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for row, key in enumerate(("pass@1", "pass@4")):
+        draw(axes[row][0], "step", key)
+        axes[row][0].set_xlabel("training steps done")
+        axes[row][0].xaxis.set_major_locator(MaxNLocator(integer=True))
+        draw(axes[row][1], "wall_s", key, scale=1 / 60)
+        axes[row][1].set_xlabel("training wall time (min)")
+    axes[0][0].legend()
+    fig.suptitle(f"Held-out pass@k, {len(seeds)} seeds (thin: each seed, thick: mean)")
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    draw(axes[0][0], "step", "delta")
+    axes[0][0].set_title("held-out: acc@t2 - acc@t1 (one correction turn)")
+    draw(axes[0][1], "step", "i2c_rate")
+    axes[0][1].set_title("held-out: wrong first answers corrected (i->c)")
+    draw(axes[1][0], "step", "retention")
+    axes[1][0].set_title("held-out: right first answers kept (retention)")
+    cipo_rows = [row for run in runs["cipo"].values() for row in run["train"]]
+    for key in ("train/i2c_rate", "train/c2i_rate", "train/retention"):
+        by_step: dict[int, list[float]] = {}
+        for row in cipo_rows:
+            if key in row and not math.isnan(row[key]):  # NaN: no anchors of that kind in the step
+                by_step.setdefault(row["step"], []).append(row[key])
+        steps = sorted(by_step)
+        axes[1][1].plot(steps, [statistics.fmean(by_step[step]) for step in steps], marker="o", markersize=3,
+                        label=key.removeprefix("train/"))  # fmt: skip
+    axes[1][1].set_title("CIPO training corrections (mean over seeds)")
+    axes[1][1].legend()
+    axes[1][1].grid(alpha=0.3)
+    for ax in axes.flat:
+        ax.set_xlabel("training steps done")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=8, help="training steps per run")
+    parser.add_argument("--val-every", type=int, default=4, help="validation interval in steps (divides --steps)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "study", help="run folders")
+    parser.add_argument("--report-dir", type=Path, default=REPO / "docs" / "study", help="JSON, table and plots")
+    parser.add_argument("--fresh", action="store_true", help="delete --out first and rerun everything")
+    args, extra = parser.parse_known_args()
+    if args.steps % args.val_every:
+        parser.error(f"--val-every {args.val_every} must divide --steps {args.steps} (the last step is validated)")
+    settings = {"steps": args.steps, "val_every": args.val_every, "cli_options": extra}
+    settings_path = args.out / "settings.json"
+    if not args.fresh and settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+        parser.error(f"{args.out} holds runs of other settings ({settings_path}): pass --fresh or another --out")
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = run_study(args.seeds, args.steps, args.val_every, args.out, args.fresh, extra)
+    settings_path.write_text(json.dumps(settings) + "\n")
+    base = args.out / "base" / "version_0"
+    runs = {
+        algorithm: {seed: collect_run(base, args.out / algorithm / f"seed{seed}" / "version_0") for seed in args.seeds}
+        for algorithm in ALGORITHMS
+    }
+    summary = summarize(runs)
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    table = summary_table(summary)
+    (args.report_dir / "summary.md").write_text(table)
+    paths = plot(runs, args.report_dir)
+    names = ["base"] + [f"{algorithm}/seed{seed}" for seed in args.seeds for algorithm in ALGORITHMS]
+    seconds = {name: float((args.out / name / "seconds.txt").read_text()) for name in names}
+    study = {"settings": settings | {"seeds": args.seeds}, "run_seconds": seconds, "runs": runs, "summary": summary}
+    (args.report_dir / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+    print(table)
+    print(
+        f"runs in {args.out}; report in {args.report_dir}: study.json, summary.md, {', '.join(p.name for p in paths)}"
+    )
+    print(f"this call took {(time.perf_counter() - start) / 60:.1f} min ({done} runs done now); the runs took "
+          f"{sum(seconds.values()) / 60:.1f} min in all")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
