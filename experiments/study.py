@@ -85,10 +85,8 @@ def is_finished(run_dir: Path, last_step: int) -> bool:
     return (run_dir / "eval" / f"val_step{last_step}.json").exists()
 
 
-def run_study(seeds: list[int], steps: int, val_every: int, out: Path, fresh: bool, extra: list[str]) -> int:
+def run_study(seeds: list[int], steps: int, val_every: int, out: Path, extra: list[str]) -> int:
     """Trains and validates what is missing under `out`; returns how many runs it did."""
-    if fresh and out.exists():
-        shutil.rmtree(out)
     done = 0
     base = out / "base"
     if not is_finished(base / "version_0", 0):
@@ -254,7 +252,8 @@ def plot(runs: dict[str, dict[int, dict[str, Any]]], report_dir: Path) -> list[P
             length = min(len(c) for c in curves)
             xs = [statistics.fmean(c[i][0] for c in curves) for i in range(length)]
             ys = [
-                statistics.fmean([c[i][1] for c in curves if c[i][1] == c[i][1]] or [math.nan]) for i in range(length)
+                statistics.fmean([c[i][1] for c in curves if not math.isnan(c[i][1])] or [math.nan])
+                for i in range(length)
             ]
             ax.plot(xs, ys, color=colors[algorithm], linewidth=2.2, marker="o", markersize=3, label=algorithm)
         ax.set_ylabel(y_key)
@@ -320,9 +319,12 @@ def main() -> None:
     if not args.fresh and settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         parser.error(f"{args.out} holds runs of other settings ({settings_path}): pass --fresh or another --out")
     start = time.perf_counter()
+    if args.fresh and args.out.exists():
+        shutil.rmtree(args.out)
+    # Written before any run, so that an interrupted study resumed with other settings is refused too.
     args.out.mkdir(parents=True, exist_ok=True)
-    done = run_study(args.seeds, args.steps, args.val_every, args.out, args.fresh, extra)
     settings_path.write_text(json.dumps(settings) + "\n")
+    done = run_study(args.seeds, args.steps, args.val_every, args.out, extra)
     base = args.out / "base" / "version_0"
     runs = {
         algorithm: {seed: collect_run(base, args.out / algorithm / f"seed{seed}" / "version_0") for seed in args.seeds}
