@@ -31,9 +31,10 @@ from cipo_lightning.algorithms import (
     token_weights,
     truncated_is_weights,
 )
+from cipo_lightning.callbacks import the_callback
 from cipo_lightning.checkpointing import AtomicCheckpointIO, rng_states, set_rng_states
 from cipo_lightning.data.tasks import Row
-from cipo_lightning.distributed import gather_objects, max_over_ranks, sum_over_ranks
+from cipo_lightning.distributed import StepStats, gather_objects, max_over_ranks, sum_over_ranks
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.evaluation import Evaluation
 from cipo_lightning.models import EMBEDDED_MODEL, resolve_model_path
@@ -48,7 +49,7 @@ class LossTargets(NamedTuple):
     mask: Tensor  # [rows, completion_width], trained tokens
     weights: Tensor  # [rows, completion_width], aggregation weights with each stream's global normalisers
     stream_coefs: Tensor  # [rows], 1 for base rows, lambda_corr for correction rows
-    stream_tokens: Tensor  # [streams], trained tokens of each stream on this rank
+    stream_tokens: Tensor  # [streams], trained tokens of each stream on all ranks
     world_size: int
     micro_batches: int  # forward/backward passes per update, the most any rank needs (see micro_batch_bounds)
 
@@ -264,7 +265,7 @@ class CIPOModule(L.LightningModule):
     def validation_step(self, rows: list[Row], batch_idx: int, dataloader_idx: int = 0) -> None:
         """One batch of eval set `dataloader_idx`: sampled, verified and counted by the Evaluation callback, which
         shares the rollout engine (the CLI's `eval` section configures it; metrics are logged at the epoch's end)."""
-        (evaluation,) = (c for c in self.trainer.callbacks if isinstance(c, Evaluation))
+        evaluation = the_callback(self.trainer, Evaluation, "eval", "validation")
         evaluation.evaluate_batch(self.trainer, self, rows, dataloader_idx)
 
     def test_step(self, rows: list[Row], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -287,7 +288,9 @@ class CIPOModule(L.LightningModule):
         """What the loss needs from the whole batch before it is split: advantages, trained-token mask, token weights.
 
         Each stream (base, correction) is normalised on its own, so L = L_base + lambda_corr * L_corr whatever the
-        streams' sizes: advantages within groups, batch std and aggregation counts per stream. Counts and reward
+        streams' sizes: advantages within groups, batch std and aggregation counts per stream. A row's
+        `advantage_shift` (CIPO's risk shaping of corrections) is added after the normalisation, which would otherwise
+        cancel it (docs/cipo.md). Counts and reward
         sums are summed over data-parallel ranks, so the gradient is the same whether the batch is processed whole,
         in micro-batches or across ranks. Computed once per rollout batch, not per update.
         """
@@ -303,21 +306,19 @@ class CIPOModule(L.LightningModule):
         # element.
         sums = [[rows.sum(), mask[rows].sum(), rewards[rows].sum(), (rewards[rows] ** 2).sum()] for rows in in_stream]
         local = torch.stack([torch.stack([v.double() for v in stream]) for stream in sums]).cpu()
-        stream_tokens = local[:, 1].clone()  # before the all-reduce, which works in place
         totals, world_size = sum_over_ranks(local)
+        stream_tokens = totals[:, 1]
         micro_batches = max_over_ranks(math.ceil(len(batch) / hp.micro_batch_size))
         advantages, weights = torch.zeros_like(rewards), torch.zeros_like(mask)
         for rows, (global_rows, global_tokens, reward_sum, reward_sq_sum) in zip(in_stream, totals, strict=True):
             if not rows.any():
                 continue
             batch_std = torch.sqrt((reward_sq_sum - reward_sum**2 / global_rows) / (global_rows - 1).clamp(min=1))
-            advantages[rows] = compute_advantages(
-                rewards[rows],
-                batch.group_ids[rows],
-                hp.advantage_estimator,
-                hp.advantage_scale,
-                batch_std.to(rewards.device),
+            std = batch_std.to(rewards.device)
+            normalised = compute_advantages(
+                rewards[rows], batch.group_ids[rows], hp.advantage_estimator, hp.advantage_scale, std
             )
+            advantages[rows] = normalised + batch.advantage_shift[rows]
             # Data-parallel training averages gradients over ranks; the weights already divide by global counts.
             weights[rows] = world_size * token_weights(
                 mask[rows], hp.loss_aggregation, int(global_rows), int(global_tokens), batch.max_completion_len
@@ -393,12 +394,21 @@ class CIPOModule(L.LightningModule):
             mismatch = (old - micro.engine_logprobs).abs() * mask
             _sum_by_stream(sums["logp_mismatch"], mismatch, mask, streams)
             maxima["logp_mismatch_max"] = max(maxima["logp_mismatch_max"], mismatch.max().item())
+        # Over all ranks (every rank calls this: a collective), so the logged values are the global batch's.
+        per_stream = StepStats(
+            sums={f"{key}/{i}": value for key, values in sums.items() for i, value in enumerate(values.tolist())},
+            maxima=maxima,
+        ).reduce()
+        streams = range(len(STREAM_NAMES))
+        sums = {key: torch.tensor([per_stream[f"{key}/{i}"] for i in streams], dtype=torch.float64) for key in sums}
+        maxima = {key: per_stream[key] for key in maxima}
         return self._policy_metrics(sums, maxima, stream_tokens)
 
     def _policy_metrics(
         self, sums: dict[str, Tensor], maxima: dict[str, float], stream_tokens: Tensor
     ) -> dict[str, float]:
-        """Per-token means of the accumulated sums, for the batch and (with a correction stream) per stream."""
+        """Per-token means of the accumulated sums (all ranks'), for the batch and (with a correction stream) per
+        stream."""
         hp = self.hparams
         per_token = ["clip_frac_low", "clip_frac_high", "entropy", "logp_mismatch"]
         if self.reference is not None:

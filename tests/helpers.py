@@ -19,6 +19,13 @@ class ParityReward:
         return [float(len(c) % 2 == 0) for c in completions]
 
 
+class PartialCreditReward:
+    """ParityReward scaled to partial credit: 0.6 for an even length, 0.2 for an odd one (never 1.0)."""
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: list[Any]) -> list[float]:
+        return [0.6 if len(c) % 2 == 0 else 0.2 for c in completions]
+
+
 class HalfInformativeReward:
     """ParityReward for problems with an odd answer, 0.0 for every completion of the others (zero-variance groups)."""
 
@@ -33,3 +40,27 @@ def two_group_batch():
     samples = [Sample(c, [0.0] * len(c), truncated=False) for c in completions]
     rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.5]
     return collate_rollouts(prompts, samples, rewards, [0] * 4 + [1] * 4, 2, temperature=0.7, max_completion_len=6)
+
+
+def two_stream_batch():
+    """Four groups of four, a base group then a correction group, twice (rank r of 2 gets rows 8r..8r+7: one group of
+    each stream), with mixed prompt and completion lengths and a risk-shaping shift on the broken corrections."""
+    prompts = [[1, 9690, 198], [1, 4093], [1, 4093, 198, 6004], [1, 520]] * 2
+    prompts += [[1, 9690, 198, 700, 701, 702, 703], [1, 4093, 704, 705, 706]] * 4
+    completions = [[42], [43, 44], [45, 46, 47], [48, 2], [60, 61], [62], [63, 64, 65], [66, 67, 68, 2]]
+    completions += [[50, 51, 52, 53], [54], [55, 56], [57, 58, 59], [70], [71, 72, 73, 74, 75], [76, 2], [77, 78]]
+    order = [*range(0, 4), *range(8, 12), *range(4, 8), *range(12, 16)]  # base, correction, base, correction
+    rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0]
+    shifts = [0.0] * 4 + [0.0, 0.0, -1.0, -1.0] + [0.0] * 4 + [-1.0] * 4
+    samples = [Sample(completions[i], [-0.1 * (i % 3)] * len(completions[i]), truncated=False) for i in order]
+    return collate_rollouts(
+        [prompts[i] for i in order],
+        samples,
+        rewards,
+        [row // 4 for row in range(16)],
+        2,
+        temperature=0.7,
+        max_completion_len=6,
+        streams=[0] * 4 + [1] * 4 + [0] * 4 + [1] * 4,
+        advantage_shift=shifts,
+    )

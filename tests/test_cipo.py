@@ -13,11 +13,12 @@ from lightning.pytorch.loggers import CSVLogger
 from cipo_lightning.algorithms import Anchor
 from cipo_lightning.callbacks import AdaptiveReplay, RiskShaping
 from cipo_lightning.data import ReasoningGymTask, RolloutDataModule
+from cipo_lightning.errors import ConfigError
 from cipo_lightning.module import CIPOModule
 from cipo_lightning.rollout import HFEngine, RolloutCallback, Sample
 from cipo_lightning.rollout.batch import CORRECTION_STREAM, ScoredGroup
 from cipo_lightning.rollout.corrections import CorrectionGroup, correction_stats
-from tests.helpers import ParityReward
+from tests.helpers import ParityReward, PartialCreditReward
 
 GROUP_SIZE, CORRECTION_GROUP_SIZE, PROMPTS, ANCHORS = 4, 3, 2, 2
 
@@ -47,8 +48,8 @@ def _group(anchor_reward: float, rewards: list[float], in_band: bool = True) -> 
     anchor = Anchor(group=0, sample=0, correct=anchor_reward == 1.0, in_band=in_band)
     samples = [Sample([7] * (i + 1), [0.0] * (i + 1), truncated=False) for i in range(len(rewards))]
     scored = ScoredGroup({"prompt": []}, [1, 2, 3], samples, ["x"] * len(rewards), rewards)
-    shaped = [r - (anchor_reward == 1.0 and r == 0.0) for r in rewards]
-    return CorrectionGroup(anchor, "attempt", anchor_reward, scored, shaped)
+    shift = [-float(anchor_reward == 1.0 and r == 0.0) for r in rewards]
+    return CorrectionGroup(anchor, "attempt", anchor_reward, scored, shift)
 
 
 def test_correction_stats_by_hand():
@@ -59,7 +60,8 @@ def test_correction_stats_by_hand():
     assert stats["train/retention"] == 0.75 and stats["train/c2i_rate"] == 0.25
     assert stats["train/i2c_rate"] == 0.25
     assert stats["train/correction_reward_mean"] == 4 / 8
-    assert stats["train/correction_reward_shaped_mean"] == 3 / 8  # the one c->i costs lambda_risk 1
+    assert stats["train/correction_advantage_shift_mean"] == -1 / 8  # the one c->i costs lambda_risk 1
+    assert stats["train/anchor_correct_frac"] == 0.5
     assert stats["train/correction_prompt_len_mean"] == 3 and stats["train/correction_len_mean"] == 2.5
     # Without a correct anchor retention is NaN, not absent (Lightning would repeat the last logged value).
     only_failed = correction_stats([_group(0.0, [1.0, 0.0])]).reduce()
@@ -67,9 +69,10 @@ def test_correction_stats_by_hand():
     assert only_failed["train/i2c_rate"] == 0.5
 
 
-def _fit(tiny_model, root, algorithm="cipo", steps=2, replay=None, ckpt_path=None):
+def _fit(tiny_model, root, algorithm="cipo", steps=2, replay=None, ckpt_path=None, reward=None, **rollout_args):
     module = RecordingModule(model=tiny_model, learning_rate=1e-2, micro_batch_size=8, gradient_checkpointing=False)
-    datamodule = RolloutDataModule(ReasoningGymTask(train_size=64, val_size=8, reward=ParityReward()), PROMPTS)
+    task = ReasoningGymTask(train_size=64, val_size=8, reward=reward or ParityReward())
+    datamodule = RolloutDataModule(task, PROMPTS)
     engine = RecordingEngine()
     rollout = RolloutCallback(
         engine,
@@ -79,6 +82,7 @@ def _fit(tiny_model, root, algorithm="cipo", steps=2, replay=None, ckpt_path=Non
         num_anchors=ANCHORS,
         correction_group_size=CORRECTION_GROUP_SIZE,
         sample_table_every_n_steps=1,
+        **rollout_args,
     )
     replay = replay or AdaptiveReplay(rho=0.5)
     logged = []
@@ -126,7 +130,7 @@ def test_cipo_trains_on_verified_corrections_of_its_own_attempts(tiny_model, tmp
             for r in group:  # scored by the task's verifier, then risk-shaped (lambda_risk 1)
                 assert r["reward"] == reward([], [r["correction"]])[0]
                 broken = r["anchor_reward"] == 1.0 and r["reward"] == 0.0
-                assert r["shaped_reward"] == r["reward"] - broken
+                assert r["advantage_shift"] == -float(broken)
         # The batch trains on both streams; the anchor text sits only in the (untrained) prompt columns.
         batch = module.batches[step]
         corrections = batch.streams == CORRECTION_STREAM
@@ -138,10 +142,13 @@ def test_cipo_trains_on_verified_corrections_of_its_own_attempts(tiny_model, tmp
         ]
         correction_rows = trained[PROMPTS * GROUP_SIZE :]
         assert correction_rows == tokenizer.batch_decode([s.token_ids for g in correction_samples for s in g])
+        # The shaping reaches the loss as an advantage shift of exactly the broken corrections' rows.
+        step_shifts = [r["advantage_shift"] for r in step_records]
+        assert batch.advantage_shift[corrections].tolist() == step_shifts
     for step in logged:
         assert step["train/anchors_correct"] + step["train/anchors_failed"] == ANCHORS
         assert step["train/anchors_in_band"] + step["train/anchors_fallback"] == ANCHORS
-        for key in ("train/rho", "train/correction_reward_mean", "train/correction_reward_shaped_mean",
+        for key in ("train/rho", "train/correction_reward_mean", "train/correction_advantage_shift_mean",
                     "train/correction_prompt_len_mean", "train/correction_len_mean", "train/base_loss",
                     "train/correction_loss", "train/base_clip_frac", "train/correction_clip_frac",
                     "time/correction_rollout"):  # fmt: skip
@@ -167,3 +174,40 @@ def test_resumed_run_continues_with_the_saved_rho(tiny_model, tmp_path):
     # A fresh run starts from rho0 = 0.5 unless the checkpoint restores the saved value.
     _, _, _, logged, _ = _fit(tiny_model, tmp_path / "second", steps=3, ckpt_path=checkpoint)
     assert len(logged) == 1 and logged[0]["train/rho"] == pytest.approx(saved_rho)
+
+
+def test_correct_threshold_decides_correct_in_every_statistic(tiny_model, tmp_path):
+    # Partial credit (0.6 / 0.2): under the default threshold 1.0 nothing is ever correct.
+    _, _, _, strict, _ = _fit(tiny_model, tmp_path / "strict", steps=1, reward=PartialCreditReward())
+    assert strict[0]["train/accuracy"] == 0 and strict[0]["train/anchors_correct"] == 0
+    assert math.isnan(strict[0]["train/retention"])
+    _, _, _, lenient, _ = _fit(
+        tiny_model, tmp_path / "lenient", steps=1, reward=PartialCreditReward(), correct_threshold=0.5
+    )
+    assert 0 < lenient[0]["train/accuracy"] < 1 and lenient[0]["train/anchors_correct"] == 1  # rho 0.5 of 2
+    assert 0 <= lenient[0]["train/retention"] <= 1 and not math.isnan(lenient[0]["train/i2c_rate"])
+
+
+def test_max_model_len_must_hold_the_longest_correction_prompt(tiny_model):
+    from transformers import AutoTokenizer
+
+    from cipo_lightning.rollout import VLLMEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows, _ = ReasoningGymTask(train_size=64, val_size=8).load()
+
+    def check(max_model_len: int, algorithm: str = "cipo") -> None:
+        engine = VLLMEngine(max_model_len=max_model_len)  # constructed, not started: the check needs its limit only
+        RolloutCallback(engine, max_new_tokens=48, algorithm=algorithm).check_model_len(tokenizer, rows)
+
+    check(512)
+    check(150, algorithm="grpo")  # a base prompt (~40 tokens) + 48 fits; no correction prompts under grpo
+    with pytest.raises(ConfigError, match=r"max_model_len 150 cannot hold the longest correction prompt"):
+        check(150)
+    with pytest.raises(ConfigError, match=r"max_model_len 64 cannot hold the longest training prompt"):
+        check(64, algorithm="grpo")
+
+
+def test_top_p_below_one_warns_that_log_probs_are_renormalised():
+    with pytest.warns(UserWarning, match="top_p 0.9 < 1"):
+        RolloutCallback(HFEngine(), top_p=0.9)

@@ -8,13 +8,14 @@ retention that moves rho) reduce over ranks the same way: by rows, not by rank.
 
 import math
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cipo_lightning.distributed import StepStats
 from cipo_lightning.module import CIPOModule
-from tests.helpers import two_group_batch
+from tests.helpers import two_group_batch, two_stream_batch
 
 SETTINGS = [
     {"loss_aggregation": "token_mean"},
@@ -31,10 +32,15 @@ def _gradient(module: CIPOModule, batch, settings: dict) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in module.policy.parameters()])
 
 
-def _module(model_dir: str, micro_batch_size: int) -> CIPOModule:
-    module = CIPOModule(model=model_dir, micro_batch_size=micro_batch_size, gradient_checkpointing=False)
+def _module(model_dir: str, micro_batch_size: int, **settings) -> CIPOModule:
+    module = CIPOModule(model=model_dir, micro_batch_size=micro_batch_size, gradient_checkpointing=False, **settings)
     module.configure_model()
     return module
+
+
+# Every logged statistic of the loss: KL (beta > 0), IS weights and clip fractions (narrow clip ranges, and a second
+# update that moves the ratio).
+METRIC_SETTINGS = {"beta": 0.1, "rollout_is": "token", "lambda_corr": 0.5, "clip_eps_low": 1e-4, "clip_eps_high": 1e-4}
 
 
 def _rank(rank: int, model_dir: str, init_file: str, out_file: str) -> None:
@@ -45,15 +51,32 @@ def _rank(rank: int, model_dir: str, init_file: str, out_file: str) -> None:
         grad = _gradient(module, two_group_batch().rows(4 * rank, 4 * rank + 4), settings)
         dist.all_reduce(grad)
         grads.append(grad / 2)  # DDP averages gradients over ranks
+    metrics = _metrics(
+        _module(model_dir, micro_batch_size=3, **METRIC_SETTINGS), two_stream_batch().rows(8 * rank, 8 * rank + 8)
+    )
     if rank == 0:
-        torch.save(grads, out_file)
+        torch.save((grads, metrics), out_file)
     dist.destroy_process_group()
+
+
+def _metrics(module: CIPOModule, batch) -> dict[str, float]:
+    """The logged statistics of a batch's loss, after one update has moved the policy away from the old log-probs."""
+    old = module.completion_logprobs(batch)
+    optimizer = torch.optim.SGD(module.policy.parameters(), lr=1.0)
+    module.accumulate_policy_gradient(batch, lambda loss: loss.backward(), old)
+    if dist.is_initialized():  # as DDP: gradients averaged over ranks before the step
+        for parameter in module.policy.parameters():
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= dist.get_world_size()
+    optimizer.step()
+    module.policy.zero_grad()
+    return module.accumulate_policy_gradient(batch, lambda loss: loss.backward(), old)
 
 
 def test_gradient_is_the_same_whole_in_micro_batches_and_across_ranks(tiny_model, tmp_path):
     out_file = tmp_path / "grads.pt"
     mp.spawn(_rank, args=(tiny_model, str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
-    across_ranks = torch.load(out_file)
+    across_ranks, distributed_metrics = torch.load(out_file)
     whole_module, micro_module = _module(tiny_model, micro_batch_size=8), _module(tiny_model, micro_batch_size=4)
     for settings, distributed in zip(SETTINGS, across_ranks, strict=True):
         whole = _gradient(whole_module, two_group_batch(), settings)
@@ -62,6 +85,12 @@ def test_gradient_is_the_same_whole_in_micro_batches_and_across_ranks(tiny_model
         for other in (micro, distributed):
             # Equal up to float32 rounding (padding widths and summation order differ).
             assert (other - whole).norm() / whole.norm() < 1e-4, settings
+    # The logged losses and rates are the global batch's on every rank, not rank 0's share.
+    single = _metrics(_module(tiny_model, micro_batch_size=16, **METRIC_SETTINGS), two_stream_batch())
+    assert set(distributed_metrics) == set(single)
+    assert single["train/clip_frac"] > 0 and single["train/correction_kl"] > 0
+    for key, value in single.items():
+        assert distributed_metrics[key] == pytest.approx(value, abs=1e-5), key
 
 
 def _stats_rank(rank: int, init_file: str, out_file: str) -> None:

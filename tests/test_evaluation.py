@@ -21,7 +21,7 @@ from cipo_lightning.errors import ConfigError
 from cipo_lightning.evaluation import EvalMetrics, ScoredEval, evaluate, evaluate_rows, markdown_table
 from cipo_lightning.rewards import MathAnswerReward, ReasoningGymReward
 from cipo_lightning.rollout import HFEngine, SamplingSettings
-from tests.helpers import ParityReward
+from tests.helpers import ParityReward, PartialCreditReward
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,17 @@ def test_evaluate_reports_reasoning_and_two_turn_correction_metrics(hf_engine):
     assert results["pass@1"] <= results["pass@2"] <= results["pass@4"]
     assert results["delta"] == pytest.approx(results["delta_i2c"] - results["delta_c2i"])
     assert 0 < results["mean@4"] < 1 and 0 <= results["acc@t2"] <= 1  # parity splits random replies
+
+
+def test_correct_threshold_decides_what_counts_as_correct(hf_engine):
+    engine, tokenizer = hf_engine
+    task = ReasoningGymTask(train_size=8, val_size=8, reward=PartialCreditReward())
+    rows, _ = task.load()
+    sampling = SamplingSettings(n=4, max_new_tokens=8, temperature=1.0)
+    strict = evaluate(engine, tokenizer, task, rows[:4], sampling)
+    lenient = evaluate(engine, tokenizer, task, rows[:4], sampling, correct_threshold=0.5)
+    assert strict["pass@4"] == strict["acc@t2"] == 0.0  # a reward of 0.6 is not 1.0
+    assert 0 < lenient["mean@4"] < 1 and lenient["pass@4"] > 0
 
 
 def test_majority_vote_uses_the_verifiers_extracted_answers(hf_engine):

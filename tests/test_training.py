@@ -146,7 +146,7 @@ def test_vllm_quickstart_config_trains_cipo_on_policy_and_resumes_rho(tiny_model
                 "train/completion_len_max", "train/clip_frac", "train/entropy", "train/lr", "time/rollout",
                 "time/verify", "time/weight_sync", "time/optim", "train/rho", "train/anchors_correct",
                 "train/anchors_failed", "train/anchors_in_band", "train/anchors_fallback",
-                "train/correction_reward_mean", "train/correction_reward_shaped_mean", "train/i2c_rate",
+                "train/correction_reward_mean", "train/correction_advantage_shift_mean", "train/i2c_rate",
                 "train/c2i_rate", "train/retention", "train/base_loss", "train/correction_loss",
                 "train/base_clip_frac", "train/correction_clip_frac", "train/correction_prompt_len_mean",
                 "train/correction_len_mean", "time/correction_rollout", "time/step"):  # fmt: skip

@@ -4,10 +4,10 @@ from cipo_lightning.algorithms.advantages import compute_advantages, group_advan
 from cipo_lightning.algorithms.aggregation import Aggregation, token_weights
 from cipo_lightning.algorithms.cipo import (
     Anchor,
+    correction_advantage_shift,
     correction_messages,
     retention_counts,
     select_anchors,
-    shape_correction_rewards,
     update_rho,
 )
 from cipo_lightning.algorithms.losses import (
@@ -26,10 +26,10 @@ from cipo_lightning.algorithms.losses import (
 __all__ = [
     "Aggregation",
     "Anchor",
+    "correction_advantage_shift",
     "correction_messages",
     "retention_counts",
     "select_anchors",
-    "shape_correction_rewards",
     "update_rho",
     "cispo_loss",
     "clipped_surrogate",

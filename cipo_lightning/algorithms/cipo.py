@@ -1,4 +1,4 @@
-"""CIPO's own math (../shared/CIPO.md): anchor selection, risk-averse shaping, the adaptive replay ratio.
+"""CIPO's own math (docs/cipo.md): anchor selection, risk-averse shaping, the adaptive replay ratio.
 
 Pure functions on plain lists and tensors, no engine and no Lightning: the rollout callback calls them with the
 step's scored base groups and the verified corrections.
@@ -32,66 +32,97 @@ def select_anchors(
     correct_threshold: float = 1.0,
     rng: random.Random | None = None,
 ) -> list[Anchor]:
-    """Choose `num_anchors` base completions: rho * num_anchors correct ones, the rest failed.
+    """Choose up to `num_anchors` base completions, a share rho of them correct and the rest failed (docs/cipo.md,
+    "Anchor selection").
 
-    A fractional rho * num_anchors is rounded stochastically (floor, plus one with probability the fraction), so the
-    expected mix is rho even for a handful of anchors: with plain rounding, K = 1 and rho < 0.5 would never pick a
-    correct anchor, retention would never be measured and rho could never move.
+    How many: K = min(num_anchors, what the candidates allow with at most `max_per_prompt` per prompt). The mix: the
+    target number of correct anchors is rho * K rounded stochastically (floor, plus one with probability the
+    fraction), so the expected mix is rho even for a handful of anchors (plain rounding with K = 1 and rho < 0.5 would
+    never pick a correct anchor, retention would never be measured and rho could never move). It is realised exactly
+    whenever the candidates allow it, otherwise as closely as they allow.
 
-    Prompts whose pass rate lies in `band` (intermediate difficulty) are used first, the others only as fallback.
-    Each prompt gives at most `max_per_prompt` anchors in total. When one kind runs out (say, no correct completion
-    anywhere), the remaining places go to the other kind, so the correction stream keeps its size; fewer than
-    `num_anchors` are returned only when the candidates run out altogether.
+    Where from: prompts whose pass rate lies in `band` (intermediate difficulty) first, the others only as fallback.
+    Correct and failed anchors are allocated jointly, not one kind after the other: a slot goes to a kind only if the
+    remaining counts of both kinds can still be met by the remaining slots (an exact feasibility test, see
+    `_can_complete`), so a prompt that is the only source of one kind is kept for it. Slots are visited prompt by
+    prompt, in-band prompts first, one anchor per prompt per pass (so anchors spread over prompts before a prompt
+    gives a second one), each part in a shuffled order.
     """
     rng = rng or random.Random(0)
-    pass_rates = [sum(r >= correct_threshold for r in rewards) / len(rewards) for rewards in group_rewards]
-    in_band = [band[0] <= p <= band[1] for p in pass_rates]
-    # Candidate order: in-band prompts first, then the rest, each part shuffled.
+    correct = [[i for i, r in enumerate(rewards) if r >= correct_threshold] for rewards in group_rewards]
+    failed = [[i for i, r in enumerate(rewards) if r < correct_threshold] for rewards in group_rewards]
+    in_band = [band[0] <= len(c) / len(r) <= band[1] for c, r in zip(correct, group_rewards, strict=True)]
+    # Per prompt: samples of each kind still free, and anchors it may still give (its slots not yet visited).
+    free = [[len(c), len(f)] for c, f in zip(correct, failed, strict=True)]
+    slots_left = [min(max_per_prompt, len(r)) for r in group_rewards]
+
+    total = min(num_anchors, sum(min(cap, c + f) for cap, (c, f) in zip(slots_left, free, strict=True)))
+    whole, fraction = divmod(round(rho * total, 9), 1.0)  # round: 0.3 * 10 is 3.0000000000000004
+    wanted_correct = int(whole) + (rng.random() < fraction)
+    # The feasible numbers of correct anchors among `total` form an interval: clamp the target into it.
+    most_correct = sum(min(cap, c) for cap, (c, _) in zip(slots_left, free, strict=True))
+    most_failed = sum(min(cap, f) for cap, (_, f) in zip(slots_left, free, strict=True))
+    wanted_correct = min(max(wanted_correct, total - most_failed), most_correct)
+    need = [wanted_correct, total - wanted_correct]  # [correct, failed] still to choose
+
     order = list(range(len(group_rewards)))
     rng.shuffle(order)
     order.sort(key=lambda g: not in_band[g])
-    used = [0] * len(group_rewards)
+    visits = [g for part in (True, False) for _ in range(max_per_prompt) for g in order if in_band[g] == part]
+    pools = [correct, failed]
     taken: set[tuple[int, int]] = set()
-
-    def take(correct: bool, count: int) -> list[Anchor]:
-        chosen = []
-        for group in order:
-            if len(chosen) == count:
-                break
-            if used[group] >= max_per_prompt:
-                continue
-            samples = [
-                i
-                for i, r in enumerate(group_rewards[group])
-                if (r >= correct_threshold) == correct and (group, i) not in taken
-            ]
-            if samples:
-                sample = rng.choice(samples)
-                used[group] += 1
+    anchors = []
+    for group in visits:
+        if not any(need):
+            break
+        if slots_left[group] == 0:
+            continue
+        slots_left[group] -= 1
+        # Kinds this prompt can give now, the one with more still needed first (ties at random).
+        kinds = [k for k in (0, 1) if need[k] and free[group][k]]
+        rng.shuffle(kinds)
+        kinds.sort(key=lambda k: -need[k])
+        for kind in kinds:
+            need[kind] -= 1
+            free[group][kind] -= 1
+            if _can_complete(need, free, slots_left):
+                sample = rng.choice([i for i in pools[kind][group] if (group, i) not in taken])
                 taken.add((group, sample))
-                chosen.append(Anchor(group, sample, correct, in_band[group]))
-        return chosen
-
-    whole, fraction = divmod(round(rho * num_anchors, 9), 1.0)  # round: 0.3 * 10 is 3.0000000000000004
-    num_correct = int(whole) + (rng.random() < fraction)
-    anchors = take(True, num_correct)
-    anchors += take(False, num_anchors - len(anchors))
-    anchors += take(True, num_anchors - len(anchors))  # too few failed ones: fill with correct ones
+                anchors.append(Anchor(group, sample, kind == 0, in_band[group]))
+                break
+            need[kind] += 1
+            free[group][kind] += 1
     return anchors
 
 
-def shape_correction_rewards(
+def _can_complete(need: list[int], free: list[list[int]], slots_left: list[int]) -> bool:
+    """Whether `need` = [correct, failed] anchors can still be chosen from prompts with `free` samples of each kind
+    and `slots_left` anchors each. This is a flow problem (kinds -> prompts -> anchors); by max-flow/min-cut it is
+    feasible exactly when each kind alone and both together fit their capacities."""
+    fits_correct = need[0] <= sum(min(s, c) for s, (c, _) in zip(slots_left, free, strict=True))
+    fits_failed = need[1] <= sum(min(s, f) for s, (_, f) in zip(slots_left, free, strict=True))
+    fits_both = need[0] + need[1] <= sum(min(s, c + f) for s, (c, f) in zip(slots_left, free, strict=True))
+    return fits_correct and fits_failed and fits_both
+
+
+def correction_advantage_shift(
     rewards: Tensor,
     anchor_rewards: Tensor,
     lambda_risk: float,
     alpha: float = 0.0,
     correct_threshold: float = 1.0,
 ) -> Tensor:
-    """Risk-averse correction rewards: r - lambda_risk when a correct anchor was turned wrong (c -> i), plus the
-    optional improvement bonus alpha * (r - r_anchor). `anchor_rewards` is the reward of each correction's anchor."""
+    """Risk-averse shaping of corrections, as a term added to their advantages after the group normalisation
+    (docs/cipo.md, "Risk-averse shaping"): -lambda_risk for a correction that turned a correct anchor wrong (c -> i),
+    plus the improvement bonus alpha * (r - r_anchor). `anchor_rewards[i]` is the reward of correction i's anchor.
+
+    Not subtracted from the rewards: a correction group holds one anchor's corrections, so with 0/1 rewards the
+    penalty is an affine map of the rewards inside the group, which group normalisation removes exactly, and a group
+    whose corrections all broke has zero variance and would get no gradient at all.
+    """
     anchor_correct = anchor_rewards >= correct_threshold
     broken = anchor_correct & (rewards < correct_threshold)
-    return rewards - lambda_risk * broken.float() + alpha * (rewards - anchor_rewards)
+    return -lambda_risk * broken.float() + alpha * (rewards - anchor_rewards)
 
 
 def retention_counts(anchor_rewards: Tensor, rewards: Tensor, correct_threshold: float = 1.0) -> tuple[int, int]:

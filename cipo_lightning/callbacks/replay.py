@@ -3,7 +3,7 @@
 A Lightning callback because rho and the previous step's retention are training state: Lightning saves a callback's
 `state_dict` in every checkpoint and restores it on resume, so a resumed run selects anchors with the rho it had
 reached, not with rho0. The rollout callback reads `rho` when it selects anchors and reports the step's retention
-through `observe`; the update rule itself is the pure `update_rho` (../shared/CIPO.md, step 7).
+through `observe`; the update rule itself is the pure `update_rho` (docs/cipo.md, "Adaptive replay ratio").
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ class AdaptiveReplay(L.Callback):
         """
         Args:
             rho: initial share of correct anchors (rho0).
-            rho_min: lower bound of rho.
+            rho_min: lower bound of rho; > 0 unless w1 = w2 = 0 (the update is multiplicative: a rho at 0 would
+                never move again).
             rho_max: upper bound of rho.
             retention_target: retention below this raises rho (the model over-edits right answers).
             w1: gain on (retention_target - retention).
-            w2: gain on a drop of retention since the previous step with correct anchors.
+            w2: gain on a drop of retention since the previous step with correct anchors. w1 = w2 = 0 keeps rho
+                fixed at its initial value (no adaptive replay; rho 0 then means failed anchors only).
         """
         for key, value in {
             "rho": rho,
@@ -52,6 +54,11 @@ class AdaptiveReplay(L.Callback):
         for key, value in {"w1": w1, "w2": w2}.items():
             if value < 0:
                 raise ConfigError(f"replay.{key} must be >= 0, got {value}")
+        if rho_min <= 0 and (w1 > 0 or w2 > 0):
+            raise ConfigError(
+                f"replay.rho_min must be > 0 while rho adapts (w1 or w2 > 0): rho is updated multiplicatively and at 0 "
+                f"would never move again; got {rho_min}"
+            )
         self.rho = rho
         self.rho_min = rho_min
         self.rho_max = rho_max

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 
+from cipo_lightning.callbacks import the_callback
 from cipo_lightning.data.tasks import Row
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.evaluation.core import EvalMetrics, evaluate_rows
 from cipo_lightning.evaluation.report import averages, write_report
-from cipo_lightning.rollout.callback import RolloutCallback, the_callback
+from cipo_lightning.rollout.callback import RolloutCallback
 from cipo_lightning.rollout.corrections import append_jsonl
 from cipo_lightning.rollout.engine import SamplingSettings
 
@@ -136,6 +137,7 @@ class Evaluation(L.Callback):
             eval_set.fix,
             self.two_turn,
             self._rollout.correction_template,
+            self._rollout.correct_threshold,
         )
         self._metrics[index].update(scored)
         if self.write_samples:

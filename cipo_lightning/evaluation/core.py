@@ -26,7 +26,6 @@ from cipo_lightning.algorithms.cipo import DEFAULT_CORRECTION_TEMPLATE, correcti
 from cipo_lightning.data.tasks import ATTEMPT_COLUMN, Row, Task, is_fix_set
 from cipo_lightning.metrics import CorrectionMetrics, FixAccuracy, ReasoningMetrics
 from cipo_lightning.rollout.callback import sample_scored_groups
-from cipo_lightning.rollout.corrections import CORRECT
 from cipo_lightning.rollout.engine import RolloutEngine, SamplingSettings
 
 
@@ -49,15 +48,16 @@ def evaluate_rows(
     fix: bool,
     two_turn: bool,
     template: str = DEFAULT_CORRECTION_TEMPLATE,
+    correct_threshold: float = 1.0,
 ) -> ScoredEval:
     """Sample and score `sampling.n` replies per row (corrections of the given attempts when `fix`), and with
-    `two_turn` one correction of every reasoning attempt."""
+    `two_turn` one correction of every reasoning attempt. A reward >= `correct_threshold` counts as correct."""
     if fix:
         messages = [correction_messages(row["prompt"], row[ATTEMPT_COLUMN], template) for row in rows]
     else:
         messages = [row["prompt"] for row in rows]
     groups = sample_scored_groups(engine, tokenizer, task, rows, messages, sampling)
-    correct = torch.tensor([[r >= CORRECT for r in g.rewards] for g in groups], dtype=torch.long)
+    correct = torch.tensor([[r >= correct_threshold for r in g.rewards] for g in groups], dtype=torch.long)
     texts = [text for g in groups for text in g.texts]
     rewards = [r for g in groups for r in g.rewards]
     problems = [g.row["prompt"][-1]["content"] for g in groups for _ in g.texts]
@@ -80,7 +80,7 @@ def evaluate_rows(
         messages = [correction_messages(g.row["prompt"], text, template) for g in groups for text in g.texts]
         attempt_rows = [g.row for g in groups for _ in g.texts]
         corrections = sample_scored_groups(engine, tokenizer, task, attempt_rows, messages, replace(sampling, n=1))
-        corrected = torch.tensor([g.rewards[0] >= CORRECT for g in corrections], dtype=torch.long)
+        corrected = torch.tensor([g.rewards[0] >= correct_threshold for g in corrections], dtype=torch.long)
         for record, g in zip(records, corrections, strict=True):
             record |= {"correction": g.texts[0], "correction_reward": g.rewards[0]}
     return ScoredEval(correct, answers, corrected, records)
@@ -120,10 +120,12 @@ def evaluate(
     sampling: SamplingSettings,
     two_turn: bool = True,
     template: str = DEFAULT_CORRECTION_TEMPLATE,
+    correct_threshold: float = 1.0,
 ) -> dict[str, float]:
     """The metrics of `rows` in one call: mean@n, pass@k (k = 1, 2, 4, ..., n), maj@k when the verifier extracts
-    answers, and with `two_turn` acc@t1, acc@t2, delta, delta_i2c, delta_c2i; fix_acc for a fix-given-solution set."""
+    answers, and with `two_turn` acc@t1, acc@t2, delta, delta_i2c, delta_c2i; fix_acc for a fix-given-solution set.
+    A reward >= `correct_threshold` counts as correct (training uses rollout.correct_threshold)."""
     fix = is_fix_set(rows, task.label)
     metrics = EvalMetrics(sampling.n, fix, two_turn)
-    metrics.update(evaluate_rows(engine, tokenizer, task, rows, sampling, fix, two_turn, template))
+    metrics.update(evaluate_rows(engine, tokenizer, task, rows, sampling, fix, two_turn, template, correct_threshold))
     return metrics.compute()

@@ -33,6 +33,8 @@ class ScoredGroup:
     samples: list[Sample]
     texts: list[str]
     rewards: list[float]
+    # Added to each sample's advantage after the group normalisation (CIPO's risk shaping); None: nothing added.
+    advantage_shift: list[float] | None = None
 
     @property
     def informative(self) -> bool:
@@ -49,6 +51,7 @@ class RolloutBatch:
     completion_mask: Tensor  # [rows, completion_width], 1 on trainable completion tokens
     engine_logprobs: Tensor  # [rows, completion_width], the engine's log-prob of each sampled token
     rewards: Tensor  # [rows]
+    advantage_shift: Tensor  # [rows], added to the advantages after normalisation (0 but for shaped corrections)
     truncated: Tensor  # [rows], bool: the completion hit the sampling limit before its stop token
     group_ids: Tensor  # [rows], completions of one prompt share an id
     streams: Tensor  # [rows], BASE_STREAM or CORRECTION_STREAM
@@ -85,6 +88,7 @@ class RolloutBatch:
             completion_mask=self.completion_mask[start:stop, :completion_last],
             engine_logprobs=self.engine_logprobs[start:stop, :completion_last],
             rewards=self.rewards[start:stop],
+            advantage_shift=self.advantage_shift[start:stop],
             truncated=self.truncated[start:stop],
             group_ids=self.group_ids[start:stop],
             streams=self.streams[start:stop],
@@ -103,8 +107,10 @@ def collate_rollouts(
     temperature: float,
     max_completion_len: int,
     streams: list[int] | None = None,
+    advantage_shift: list[float] | None = None,
 ) -> RolloutBatch:
-    """One row per sample; `prompts[i]` is the prompt of `samples[i]`; every row is a base row unless `streams`."""
+    """One row per sample; `prompts[i]` is the prompt of `samples[i]`; every row is a base row unless `streams`, and
+    no advantage is shifted unless `advantage_shift`."""
     prompt_width = max(len(p) for p in prompts)
     completion_width = max(1, max(len(s.token_ids) for s in samples))
     rows = len(samples)
@@ -125,6 +131,7 @@ def collate_rollouts(
         completion_mask=completion_mask,
         engine_logprobs=engine_logprobs,
         rewards=torch.tensor(rewards, dtype=torch.float32),
+        advantage_shift=torch.tensor(advantage_shift or [0.0] * rows, dtype=torch.float32),
         truncated=torch.tensor([s.truncated for s in samples], dtype=torch.bool),
         group_ids=torch.tensor(group_ids, dtype=torch.long),
         streams=torch.tensor(streams if streams is not None else [BASE_STREAM] * rows, dtype=torch.long),
@@ -151,4 +158,5 @@ def collate_groups(
         temperature=temperature,
         max_completion_len=max_completion_len,
         streams=[stream for g, stream in zip(groups, streams, strict=True) for _ in g.samples],
+        advantage_shift=[shift for g in groups for shift in (g.advantage_shift or [0.0] * len(g.samples))],
     )

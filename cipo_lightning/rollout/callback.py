@@ -9,18 +9,18 @@ With dynamic sampling (DAPO) groups whose completions all got the same reward ar
 are zero, and new prompts are sampled until the step has data.prompts_per_step informative groups or
 max_generation_rounds is reached.
 
-With `algorithm: cipo` the step also runs the correction stream (../shared/CIPO.md, steps 2-4): anchors are chosen
-from the scored base groups with the AdaptiveReplay callback's rho, the model is shown each anchor attempt and
-samples correction_group_size corrections with the same engine and weights, the task's verifier scores them, and
-the RiskShaping callback shapes their rewards. Base and correction groups go to the loss in one batch with a stream
-label per row. `algorithm: grpo` runs the same code with that stream off.
+With `algorithm: cipo` the step also runs the correction stream (docs/cipo.md; rollout/corrections.py holds it top
+to bottom): anchors are chosen from the scored base groups with the AdaptiveReplay callback's rho, the model is shown
+each anchor attempt and samples correction_group_size corrections with the same engine and weights, the task's
+verifier scores them, and the RiskShaping callback's advantage shift is attached. Base and correction groups go to
+the loss in one batch with a stream label per row. `algorithm: grpo` runs the same code with that stream off.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,10 +28,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from cipo_lightning.algorithms import group_stats, select_anchors
-from cipo_lightning.algorithms.cipo import DEFAULT_CORRECTION_TEMPLATE, check_correction_template
-from cipo_lightning.callbacks.replay import AdaptiveReplay
-from cipo_lightning.callbacks.shaping import RiskShaping
+from cipo_lightning.algorithms import group_stats
+from cipo_lightning.algorithms.cipo import DEFAULT_CORRECTION_TEMPLATE, check_correction_template, correction_messages
 from cipo_lightning.data.tasks import Row, Task, prompt_token_ids
 from cipo_lightning.distributed import StepStats, max_over_ranks
 from cipo_lightning.errors import ConfigError
@@ -42,14 +40,7 @@ from cipo_lightning.rollout.batch import (
     ScoredGroup,
     collate_groups,
 )
-from cipo_lightning.rollout.corrections import (
-    CORRECT,
-    CorrectionGroup,
-    append_jsonl,
-    correction_prompts,
-    correction_stats,
-    sample_table,
-)
+from cipo_lightning.rollout.corrections import CorrectionGroup, CorrectionStream, append_jsonl, sample_table
 from cipo_lightning.rollout.engine import RolloutEngine, SamplingSettings, derived_seed
 
 SAMPLE_TABLE_FILE = "correction_samples.jsonl"
@@ -76,6 +67,7 @@ class RolloutCallback(L.Callback):
         correction_template: str = DEFAULT_CORRECTION_TEMPLATE,
         sample_table_every_n_steps: int = 10,
         reproducible_sampling: bool = False,
+        correct_threshold: float = 1.0,
     ) -> None:
         """
         Args:
@@ -83,7 +75,8 @@ class RolloutCallback(L.Callback):
             group_size: completions sampled per prompt (G); advantages compare completions within a group.
             max_new_tokens: longest completion (attempts and corrections); longer ones are cut and marked truncated.
             temperature: sampling temperature; the trainer scores tokens at the same temperature.
-            top_p: nucleus sampling threshold.
+            top_p: nucleus sampling threshold. Below 1 the engines' log-probs are renormalised over the nucleus
+                while the trainer scores the full softmax(logits / temperature), so they differ (a warning says so).
             dynamic_sampling: drop base groups whose completions all got the same reward (no gradient signal) and
                 sample new prompts to refill the step (DAPO).
             max_generation_rounds: with dynamic_sampling, the most generation rounds per step; the step trains on
@@ -91,7 +84,7 @@ class RolloutCallback(L.Callback):
             algorithm: cipo (base groups plus the correction stream) or grpo (base groups only: the baseline).
                 cipo needs the AdaptiveReplay and RiskShaping callbacks (the CLI's `replay` and `shaping` sections).
             num_anchors: anchors per step on each rank (K), each giving one correction group; default: half the
-                step's base groups, rounded up. The paper's K is not known (../shared/CIPO.md).
+                step's base groups, rounded up. The paper's K is not known (docs/cipo.md).
             correction_group_size: corrections sampled per anchor (G_c).
             anchor_band: pass-rate band [low, high] of the prompts anchors come from first (intermediate
                 difficulty); other prompts are the fallback when the band has too few.
@@ -103,6 +96,9 @@ class RolloutCallback(L.Callback):
             reproducible_sampling: seed every prompt's samples from (seed_everything, step, prompt), so they do not
                 depend on batching, the number of ranks or a resume: a data-parallel run samples what one process
                 would. Slower: HFEngine then generates prompt by prompt, vLLM keeps a generator per request.
+            correct_threshold: a reward at or above this counts as correct, everywhere "correct" is decided: pass
+                rates and the anchor band, correct and failed anchors, retention, risk shaping, i->c and c->i,
+                train/accuracy and evaluation. 1.0 suits binary verifiers; lower it for partial-credit rewards.
         """
         if group_size < 2:
             raise ConfigError(
@@ -129,6 +125,13 @@ class RolloutCallback(L.Callback):
             check_correction_template(correction_template)
         except ValueError as err:
             raise ConfigError(f"rollout.correction_template: {err}") from err
+        if top_p < 1.0:
+            warnings.warn(
+                f"rollout.top_p {top_p} < 1: the engine's log-probs are renormalised over the nucleus while the "
+                "trainer scores softmax(logits / temperature) over the whole vocabulary, so train/logp_mismatch grows "
+                "and the samples are not exactly on-policy (model.rollout_is corrects for it)",
+                stacklevel=2,
+            )
         if sample_table_every_n_steps < 0:
             raise ConfigError(f"rollout.sample_table_every_n_steps must be >= 0, got {sample_table_every_n_steps}")
         self.engine = engine
@@ -146,19 +149,24 @@ class RolloutCallback(L.Callback):
         self.correction_template = correction_template
         self.sample_table_every_n_steps = sample_table_every_n_steps
         self.reproducible_sampling = reproducible_sampling
+        self.correct_threshold = correct_threshold
+        self.corrections: CorrectionStream | None = None  # built at fit start under cipo
         self._synced_version: int | None = None
         self._started = False
         self._seed = 0
         self._run_seed = 0
         self._step_start = 0.0
-        self._replay: AdaptiveReplay | None = None
-        self._shaping: RiskShaping | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.algorithm == "cipo":
-            needed_by = "rollout.algorithm cipo"
-            self._replay = the_callback(trainer, AdaptiveReplay, "replay", needed_by, "; or set algorithm grpo")
-            self._shaping = the_callback(trainer, RiskShaping, "shaping", needed_by, "; or set algorithm grpo")
+            self.corrections = CorrectionStream.from_trainer(
+                trainer,
+                num_anchors=self.num_anchors,
+                band=self.anchor_band,
+                max_anchors_per_prompt=self.max_anchors_per_prompt,
+                template=self.correction_template,
+                correct_threshold=self.correct_threshold,
+            )
         datamodule = trainer.datamodule
         datamodule.check_prompt_lengths(pl_module.tokenizer)
         tasks = {id(t): t for t in [datamodule.task, *(s.task for s in datamodule.eval_sets)] if t is not None}
@@ -166,6 +174,7 @@ class RolloutCallback(L.Callback):
         for logger in trainer.loggers if skipped else []:  # once per run: rows dropped by skip_bad_rows
             logger.log_metrics({"data/skipped_rows": float(skipped)}, step=trainer.global_step)
         self.start_engine(trainer, pl_module)
+        self.check_model_len(pl_module.tokenizer, datamodule.train_rows)  # a server engine knows its limit once up
 
     def start_engine(self, trainer: L.Trainer, pl_module: L.LightningModule) -> RolloutEngine:
         """The engine, started on the policy's model the first time (fit, validate or test), seeded per rank."""
@@ -202,10 +211,10 @@ class RolloutCallback(L.Callback):
         datamodule = trainer.datamodule
         groups, stats = self.base_groups(pl_module, datamodule, times)
         corrections: list[CorrectionGroup] = []
-        if self.algorithm == "cipo":
+        if self.corrections is not None:
             times["time/correction_rollout"] = 0.0
             corrections = self.correction_groups(pl_module, datamodule.task, groups, trainer.global_step, times)
-            stats.update(correction_stats(corrections))
+            stats.update(self.corrections.stats(corrections))
         rollout_batch = collate_groups(
             groups + [c.training_group for c in corrections],
             [BASE_STREAM] * len(groups) + [CORRECTION_STREAM] * len(corrections),
@@ -214,13 +223,10 @@ class RolloutCallback(L.Callback):
             self.max_new_tokens,
         )
         datamodule.push(rollout_batch)
-        stats.update(rollout_stats(rollout_batch)).maxima.update(times)
+        stats.update(rollout_stats(rollout_batch, self.correct_threshold)).maxima.update(times)
         logged = stats.reduce()  # over all ranks: every rank logs, and moves rho, with the same numbers
-        if self.algorithm == "cipo":
-            logged["train/rho"] = self._replay.rho
-            # rho for the next step; the checkpoint written at the end of this step holds it.
-            retention = logged["train/retention"]
-            self._replay.observe(None if math.isnan(retention) else retention)
+        if self.corrections is not None:
+            self.corrections.observe(logged)
             self.write_sample_table(trainer, corrections)
         reward = logged.pop("train/reward_mean")
         size = len(groups)
@@ -273,31 +279,42 @@ class RolloutCallback(L.Callback):
     def correction_groups(
         self, pl_module: L.LightningModule, task: Task, base: list[ScoredGroup], step: int, times: dict[str, float]
     ) -> list[CorrectionGroup]:
-        """Anchors from the base groups, G_c on-policy corrections of each, verified against the anchor's row and
-        shaped. The anchor draw is seeded by (seed, rank, step), so a resumed run draws what the original would."""
-        anchors = select_anchors(
-            [g.rewards for g in base],
-            self.num_anchors or (len(base) + 1) // 2,
-            self._replay.rho,
-            self.anchor_band,
-            self.max_anchors_per_prompt,
-            CORRECT,
-            random.Random(f"{self._seed}-{step}"),
-        )
-        if not anchors:
-            return []
-        rows = [base[a.group].row for a in anchors]
-        messages = correction_prompts(base, anchors, self.correction_template)
-        scored = self.generate_groups(
-            pl_module, task, rows, messages, self.correction_group_size, "time/correction_rollout", times
-        )
-        groups = []
-        for anchor, group in zip(anchors, scored, strict=True):
-            anchor_reward = base[anchor.group].rewards[anchor.sample]
-            shaped = self._shaping.shape(torch.tensor(group.rewards), torch.full((len(group.rewards),), anchor_reward))
-            anchor_text = base[anchor.group].texts[anchor.sample]
-            groups.append(CorrectionGroup(anchor, anchor_text, anchor_reward, group, shaped.tolist()))
-        return groups
+        """The correction stream of this step (rollout/corrections.py). The anchor draw is seeded by (seed, rank,
+        step), so a resumed run draws what the original would."""
+
+        def sample(rows: list[Row], messages: list[list[dict[str, str]]]) -> list[ScoredGroup]:
+            n = self.correction_group_size
+            return self.generate_groups(pl_module, task, rows, messages, n, "time/correction_rollout", times)
+
+        return self.corrections.run(base, sample, random.Random(f"{self._seed}-{step}"))
+
+    def check_model_len(self, tokenizer: Any, rows: list[Row]) -> None:
+        """Stop before any generation when the engine's max_model_len cannot hold the longest base prompt plus
+        max_new_tokens or, under cipo, the longest correction prompt (its problem in the template with an attempt
+        of max_new_tokens tokens) plus max_new_tokens."""
+        limit = self.engine.max_model_len
+        if limit is None or not rows:
+            return
+        # Token counts follow character counts closely: tokenising the longest rows by characters keeps this check
+        # to a fraction of a second on large datasets.
+        candidates = sorted(rows, key=lambda row: sum(len(m["content"]) for m in row["prompt"]))[-256:]
+        lengths = [len(prompt_token_ids(tokenizer, row["prompt"])) for row in candidates]
+        longest = max(range(len(candidates)), key=lengths.__getitem__)
+        needs = {f"the longest training prompt ({lengths[longest]} tokens)": lengths[longest]}
+        if self.algorithm == "cipo":
+            # The correction prompt of the longest problem, measured with an empty attempt; the attempt adds at most
+            # max_new_tokens tokens.
+            messages = correction_messages(candidates[longest]["prompt"], "", self.correction_template)
+            empty = len(prompt_token_ids(tokenizer, messages))
+            what = f"the longest correction prompt ({empty} tokens + an attempt of up to {self.max_new_tokens})"
+            needs[what] = empty + self.max_new_tokens
+        for what, tokens in needs.items():
+            if tokens + self.max_new_tokens > limit:
+                raise ConfigError(
+                    f"rollout.engine.init_args.max_model_len {limit} cannot hold {what} plus rollout.max_new_tokens "
+                    f"{self.max_new_tokens} = {tokens + self.max_new_tokens} tokens: raise max_model_len, or lower "
+                    "rollout.max_new_tokens or data.max_prompt_tokens"
+                )
 
     def generate_groups(
         self,
@@ -366,18 +383,7 @@ def sample_scored_groups(
     ]
 
 
-def the_callback(trainer: L.Trainer, kind: type[L.Callback], section: str, needed_by: str, hint: str = "") -> Any:
-    """The trainer's one callback of type `kind`; a ConfigError naming the CLI section that adds it otherwise."""
-    found = [c for c in trainer.callbacks if isinstance(c, kind)]
-    if len(found) != 1:
-        raise ConfigError(
-            f"{needed_by} needs exactly one {kind.__name__} callback in the trainer (the CLI's `{section}` "
-            f"section adds it), found {len(found)}{hint}"
-        )
-    return found[0]
-
-
-def rollout_stats(batch: RolloutBatch) -> StepStats:
+def rollout_stats(batch: RolloutBatch, correct_threshold: float = 1.0) -> StepStats:
     """What the base groups look like: reward, accuracy, how many groups carry no signal, lengths."""
     base = batch.streams == BASE_STREAM
     rewards, lengths = batch.rewards[base], batch.completion_mask[base].sum(-1)
@@ -387,7 +393,7 @@ def rollout_stats(batch: RolloutBatch) -> StepStats:
     return StepStats(
         means={
             "train/reward_mean": (rewards.sum().item(), rows),
-            "train/accuracy": ((rewards >= CORRECT).sum().item(), rows),
+            "train/accuracy": ((rewards >= correct_threshold).sum().item(), rows),
             "train/zero_variance_frac": ((std == 0).sum().item(), rows),
             "train/completion_len_mean": (lengths.sum().item(), rows),
             "train/truncated_frac": (batch.truncated[base].sum().item(), rows),

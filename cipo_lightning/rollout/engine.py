@@ -51,6 +51,10 @@ class Sample:
 class RolloutEngine(ABC):
     """Generates completions for the trainer and takes its weights after each optimizer step."""
 
+    # The longest prompt + completion the engine accepts, checked against the longest prompts when fit starts (None:
+    # no fixed limit known to us).
+    max_model_len: int | None = None
+
     @abstractmethod
     def start(self, model_path: str, seed: int, device: torch.device) -> None:
         """Load the model from a local HF folder, next to the policy on `device` where the engine runs in the

@@ -2,6 +2,11 @@
 
 The engine keeps its own inference copy of the model (eval mode, KV cache on, its own dtype), so it is synced with
 the policy the same way as vLLM and the on-policy guarantee is tested the same way for both engines.
+
+It samples exactly from softmax(logits / temperature) (cut to top_p where set), the distribution the trainer scores:
+`generate` fills every setting left unset from the model's own generation_config (repetition_penalty, top_k, min_p,
+typical_p, no_repeat_ngram_size, ...), so the engine replaces that config by one holding only the special tokens,
+and passes top_k=0 (transformers' global default would be 50).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class HFEngine(RolloutEngine):
         self.eos_token_ids: set[int] = set()
 
     def start(self, model_path: str, seed: int, device: torch.device) -> None:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, self.dtype))
         self.model = model.to(device).eval()
@@ -38,6 +43,10 @@ class HFEngine(RolloutEngine):
         eos = config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else min(self.eos_token_ids)
+        # Only the special tokens survive: the model's sampling settings would change the sampled distribution.
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=self.pad_token_id
+        )
         torch.manual_seed(seed)
 
     @torch.no_grad()
@@ -70,7 +79,7 @@ class HFEngine(RolloutEngine):
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
-            top_k=None,
+            top_k=0,  # not None: generate would fill in its global default, 50
             num_return_sequences=sampling.n,
             max_new_tokens=sampling.max_new_tokens,
             output_scores=True,

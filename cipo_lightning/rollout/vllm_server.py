@@ -90,6 +90,7 @@ class VLLMServerEngine(RolloutEngine):
                 f"log-probs it sampled from (after temperature): restart it with --logprobs-mode processed_logprobs; "
                 f"{_LAUNCH_HINT}"
             )
+        self.max_model_len = model_config.get("max_model_len")
         self.served_model = self._request("GET", "/v1/models")["data"][0]["id"]
         if rank() == 0 and self.weight_dir is None:
             shm = Path("/dev/shm")
