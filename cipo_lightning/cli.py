@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any, Literal
 
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -24,6 +25,7 @@ from cipo_lightning.data import RolloutDataModule
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.evaluation import Evaluation
 from cipo_lightning.module import CIPOModule
+from cipo_lightning.progress import StepProgressBar
 from cipo_lightning.rollout import RolloutCallback
 
 
@@ -32,6 +34,9 @@ def default_loggers(root_dir: str) -> list[Logger]:
 
     wandb runs offline unless WANDB_MODE says otherwise (`online` to sync live, `disabled` to skip it).
     """
+    # wandb looks for the git repository from its folder at start and warns "git root ... does not exist" for a
+    # folder that is not there yet.
+    os.makedirs(root_dir, exist_ok=True)
     offline = os.environ.get("WANDB_MODE", "offline") == "offline"
     return [
         CSVLogger(save_dir=root_dir, name=""),
@@ -60,6 +65,13 @@ class CIPOLightningCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
             kwargs.setdefault("logger", default_loggers(trainer_config.get("default_root_dir") or "runs"))
+        # Steps out of max_steps instead of Lightning's per-epoch bar, unless the config turns the bar off or brings
+        # its own. As a trainer default it goes after the sections' callbacks, so at the end of a step it shows what
+        # the rollout callback has just logged.
+        callbacks = trainer_config.get("callbacks") or []
+        own_bar = any(isinstance(c, ProgressBar) for c in (callbacks if isinstance(callbacks, list) else [callbacks]))
+        if trainer_config.get("enable_progress_bar") is not False and not own_bar:
+            self.trainer_defaults["callbacks"] = [StepProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
