@@ -18,13 +18,20 @@ _SHOWN = {"time/step": "s/step", "train/reward_mean": "reward", "train/correctio
 class StepProgressBar(TQDMProgressBar):
     """A tqdm bar over optimizer steps (`trainer.global_step` / `trainer.max_steps`), resumed runs included."""
 
+    # Lightning's format without the rate: steps take seconds to minutes, so "0.03it/s" says less than s/step.
+    BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+
+    @property
+    def train_description(self) -> str:
+        return "step"
+
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        super().on_train_epoch_start(trainer)
+        # One bar for the whole run (the stream is one endless epoch), so no new bar and no "Epoch N" here.
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
-        bar.initial = trainer.global_step
+        bar.initial = trainer.global_step  # a resumed run starts where it stopped
         bar.n = trainer.global_step
-        bar.set_description("step")
+        bar.refresh()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
