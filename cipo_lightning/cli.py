@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any, Literal
 
 from lightning.pytorch.callbacks import ProgressBar
@@ -27,6 +28,21 @@ from cipo_lightning.evaluation import Evaluation
 from cipo_lightning.module import CIPOModule
 from cipo_lightning.progress import StepProgressBar
 from cipo_lightning.rollout import RolloutCallback
+
+# Lightning warnings about choices this library makes on purpose: the `dataloader_iter` training step (not prefetched,
+# so every batch is generated with the current weights; see CIPOModule.training_step) and eval loaders of pre-made
+# batches with a length (num_workers 0, each rank its own share, so the duplicates it warns about cannot happen).
+_EXPECTED_LIGHTNING_WARNINGS = (
+    r"You are using the `dataloader_iter` step flavor",
+    r"Found `dataloader_iter` argument in the `training_step`",
+    r"Your `IterableDataset` has `__len__` defined",
+)
+
+
+def hide_expected_lightning_warnings() -> None:
+    """Silences `_EXPECTED_LIGHTNING_WARNINGS` (process-wide, so the command line calls it, not the library)."""
+    for message in _EXPECTED_LIGHTNING_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def default_loggers(root_dir: str) -> list[Logger]:
@@ -105,6 +121,7 @@ class CIPOLightningCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    hide_expected_lightning_warnings()
     try:
         CIPOLightningCLI(
             CIPOModule,

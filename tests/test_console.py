@@ -8,11 +8,12 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
-from cipo_lightning.cli import CIPOLightningCLI
+from cipo_lightning.cli import CIPOLightningCLI, hide_expected_lightning_warnings
 from cipo_lightning.data import RolloutDataModule
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.module import CIPOModule
@@ -101,6 +102,21 @@ def test_vllm_info_lines_only_when_asked(vllm_logging, monkeypatch):
         VLLMEngine(log_level="LOUD")
 
 
+def test_expected_lightning_warnings_hidden_and_others_kept():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hide_expected_lightning_warnings()
+        warnings.warn("You are using the `dataloader_iter` step flavor. If you consume ...", UserWarning, stacklevel=1)
+        warnings.warn("Found `dataloader_iter` argument in the `training_step`. Note ...", UserWarning, stacklevel=1)
+        warnings.warn("Your `IterableDataset` has `__len__` defined. In combination ...", UserWarning, stacklevel=1)
+        warnings.warn("Found `dataloader_iter` argument in the `validation_step`.", UserWarning, stacklevel=1)
+        warnings.warn("a real warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == [
+        "Found `dataloader_iter` argument in the `validation_step`.",
+        "a real warning",
+    ]
+
+
 def _cli(*args: str, cwd: Path = REPO, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **(env_extra or {})}
     return subprocess.run(
@@ -135,6 +151,7 @@ def test_progress_bar_counts_steps_with_step_time_and_reward(tiny_model, tmp_pat
     assert bar, result.stdout[-3000:]
     assert "2/2" in bar[-1] and "s/step=" in bar[-1] and "reward=" in bar[-1], bar[-1]
     assert "Epoch" not in result.stdout
+    assert "dataloader_iter" not in result.stderr and "IterableDataset" not in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
