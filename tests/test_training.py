@@ -174,7 +174,8 @@ def test_vllm_quickstart_config_trains_cipo_on_policy_and_resumes_rho(tiny_model
 @pytest.mark.parametrize("config", ["math", "coder"])
 def test_domain_configs_run_on_the_cpu(config, tiny_model, tmp_path):
     """configs/math.yaml and configs/coder.yaml as shipped (bundled data, their real verifiers, vLLM, CIPO), on the
-    tiny model with short replies: one step each (README gives the measured 2-step runs on the embedded model)."""
+    tiny model with short replies: one step each (docs/benchmarks.md gives the measured 2-step runs on the embedded
+    model)."""
     result = _cli(
         "fit",
         "--config",

