@@ -55,19 +55,19 @@ def test_latest_checkpoint_skips_partial_files_and_dangling_links(tmp_path):
     assert latest_checkpoint(tmp_path) == sharded.resolve()
 
 
-# Deterministic CIPO through the CLI: transformers engine, seeded, a checkpoint after every step.
-_CHECKPOINT_EVERY_STEP = """
+# Deterministic CIPO through the CLI: transformers engine, seeded, a checkpoint every N steps (default: every step).
+_CHECKPOINT_EVERY = """
 trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {every_n_train_steps: 1, save_top_k: -1, save_last: link}
+      init_args: {{every_n_train_steps: {every}, save_top_k: -1, save_last: link}}
 """
 _COMPARED = ("train/reward_mean", "train/loss", "train/grad_norm", "train/rho", "train/retention", "train/kl")
 
 
-def _resume_args(tiny_model: str, root: Path, steps: int) -> tuple[str, ...]:
-    config = root.parent / "checkpoint_every_step.yaml"
-    config.write_text(_CHECKPOINT_EVERY_STEP)
+def _resume_args(tiny_model: str, root: Path, steps: int, checkpoint_every: int = 1) -> tuple[str, ...]:
+    config = root.parent / f"checkpoint_every_{checkpoint_every}.yaml"
+    config.write_text(_CHECKPOINT_EVERY.format(every=checkpoint_every))
     return (*TINY_QUICKSTART, "--config", str(config), "--model.model", tiny_model,
             "--rollout.engine.class_path", "cipo_lightning.rollout.HFEngine", "--trainer.val_check_interval", "1000",
             "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps))  # fmt: skip
@@ -103,10 +103,68 @@ def test_sigkill_mid_step_then_resume_reaches_the_uninterrupted_metrics(tiny_mod
     rows = {row["step"]: row for row in _read_metrics(root / "version_1")}
     first = min(rows)
     assert first >= 3 and max(rows) == steps - 1, sorted(rows)
+    _assert_same_metrics(rows, expected)
+
+
+def _assert_same_metrics(rows: dict[float, dict[str, float]], expected: dict[float, dict[str, float]]) -> None:
     for step, row in rows.items():
         for key in _COMPARED:
             if key in expected[step]:
                 assert row[key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-6, nan_ok=True), (step, key)
+
+
+def _preemptible_args(tiny_model: str, root: Path, steps: int) -> tuple[str, ...]:
+    # No periodic checkpoint within the run; the sample table gets each step's lines as its rollouts end.
+    args = _resume_args(tiny_model, root, steps, checkpoint_every=1000)
+    return (*args, "--rollout.sample_table_every_n_steps", "1")
+
+
+@pytest.mark.slow
+def test_sigterm_mid_step_saves_a_checkpoint_and_the_resume_matches_the_uninterrupted_run(tiny_model, tmp_path):
+    """SIGTERM during a step of a run whose periodic checkpoints never come (interval 1000, 5 steps): the run
+    finishes the step, saves a checkpoint, shuts down and exits within a bounded time, leaving no process; the
+    resume with `--ckpt_path last` logs the remaining steps as the uninterrupted run did."""
+    steps = 5
+    whole = _cli("fit", *_preemptible_args(tiny_model, tmp_path / "whole", steps))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    expected = {row["step"]: row for row in _read_metrics(tmp_path / "whole" / "version_0")}
+
+    root = tmp_path / "stopped"
+    args = _preemptible_args(tiny_model, root, steps)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    log = tmp_path / "stopped.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cipo_lightning", "fit", *args],
+            cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    samples = root / "version_0" / "correction_samples.jsonl"
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if samples.exists() and '"step": 2' in samples.read_text():
+            break  # step 2's rollouts are done, its update not yet: the middle of a step
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended or stalled before step 2:\n" + log.read_text()[-3000:]
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    returncode = process.wait(timeout=120)
+    stop_s = time.monotonic() - signalled
+    assert returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    with pytest.raises(ProcessLookupError):  # nothing of the run is left (engine, workers)
+        os.killpg(process.pid, 0)
+    (checkpoint,) = (root / "version_0" / "checkpoints").glob("*.ckpt")
+    saved_step = int(checkpoint.stem.rsplit("step=", 1)[1])
+    assert checkpoint.name.startswith("preempted-") and 3 <= saved_step < steps, (checkpoint.name, stop_s)
+    stopped = {row["step"]: row for row in _read_metrics(root / "version_0")}
+    assert sorted(stopped) == list(range(saved_step)), sorted(stopped)  # the step in progress was finished and logged
+    _assert_same_metrics(stopped, expected)
+
+    resumed = _cli("fit", *args, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {checkpoint}" in resumed.stderr
+    rows = {row["step"]: row for row in _read_metrics(root / "version_1")}
+    assert sorted(rows) == list(range(saved_step, steps)), sorted(rows)
+    _assert_same_metrics(rows, expected)
 
 
 @pytest.mark.slow
