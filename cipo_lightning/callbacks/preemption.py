@@ -13,12 +13,14 @@ SIGTERM or the requeue signal; if one did, every rank saves `version_N/checkpoin
 `--ckpt_path last` resumes from), global rank 0 requeues the job when the requeue signal came, the rollout engines
 shut down, and every rank leaves through Lightning's SIGTERM exit at the same step. It takes over the requeue
 signal by installing its handler before Lightning registers its own (Lightning leaves a signal that already has a
-handler alone), so no mid-step hpc checkpoint is written. A signal during setup or validation stops the run at the
+handler alone), so no mid-step hpc checkpoint is written. With several ranks it also replaces Lightning's SIGTERM
+handler by one without the collective Lightning calls inside it (see `on_train_start`). A signal during setup or validation stops the run at the
 end of the next training step; one during validation (which Lightning then abandons) saves nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -55,6 +57,15 @@ class PreemptionCheckpoint(L.Callback):
 
     def _on_requeue_signal(self, signum: int, frame: FrameType | None) -> None:
         self._requeue_requested = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+            # Lightning's SIGTERM handler calls dist.broadcast from inside the handler, that is wherever each rank
+            # happens to be, so it pairs with another collective of the step and the ranks hang (seen here with 2
+            # CPU ranks; Lightning issue #20806). This one does the rest of what it does, without the collective:
+            # the decision is reduced over the ranks at the end of the step instead. Lightning restores the handler
+            # from before fit at its teardown.
+            signal.signal(signal.SIGTERM, functools.partial(_note_sigterm, trainer))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._requeue_signal is not None and threading.current_thread() is threading.main_thread():
@@ -93,6 +104,15 @@ class PreemptionCheckpoint(L.Callback):
                 "stopped by a signal outside a training step (setup or validation): no checkpoint saved; "
                 "--ckpt_path last resumes from the newest periodic checkpoint"
             )
+
+
+def _note_sigterm(trainer: L.Trainer, signum: int, frame: FrameType | None) -> None:
+    """Lightning's SIGTERM handler less its broadcast: pass the signal to the rank processes this one launched (once),
+    and set the flag its loops stop on."""
+    connector = trainer._signal_connector
+    if not connector.received_sigterm and trainer.strategy.launcher is not None:
+        trainer.strategy.launcher.kill(signum)
+    connector.received_sigterm = True
 
 
 def requeue_slurm_job() -> None:
