@@ -14,8 +14,9 @@ SIGTERM or the requeue signal; if one did, every rank saves `version_N/checkpoin
 shut down, and every rank leaves through Lightning's SIGTERM exit at the same step. It takes over the requeue
 signal by installing its handler before Lightning registers its own (Lightning leaves a signal that already has a
 handler alone), so no mid-step hpc checkpoint is written. With several ranks it also replaces Lightning's SIGTERM
-handler by one without the collective Lightning calls inside it (see `on_train_start`). A signal during setup or validation stops the run at the
-end of the next training step; one during validation (which Lightning then abandons) saves nothing.
+handler by one without the collective Lightning calls inside it (see `on_train_start`). A signal during setup stops
+the run after its first training step; one during validation stops it there (Lightning abandons the validation)
+without a checkpoint.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class PreemptionCheckpoint(L.Callback):
                 callback.shutdown_engine()
         if self.checkpoint_path is None:
             rank_zero_warn(
-                "stopped by a signal outside a training step (setup or validation): no checkpoint saved; "
+                "stopped by a signal outside a training step (during validation): no checkpoint saved; "
                 "--ckpt_path last resumes from the newest periodic checkpoint"
             )
 
