@@ -11,6 +11,7 @@ Every setting's help text comes from the typed signatures and docstrings (`--pri
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from typing import Any, Literal
@@ -19,8 +20,9 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cipo_lightning.callbacks import AdaptiveReplay, RiskShaping
+from cipo_lightning.callbacks import AdaptiveReplay, PreemptionCheckpoint, RiskShaping
 from cipo_lightning.checkpointing import latest_checkpoint
 from cipo_lightning.data import RolloutDataModule
 from cipo_lightning.errors import ConfigError
@@ -74,6 +76,8 @@ class CIPOLightningCLI(LightningCLI):
         parser.add_lightning_class_args(AdaptiveReplay, "replay")
         parser.add_lightning_class_args(RiskShaping, "shaping")
         parser.add_lightning_class_args(Evaluation, "eval")
+        # SIGTERM (or SLURM's requeue signal): a checkpoint after the current step, then stop (docs/reliability.md).
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
 
     def instantiate_trainer(self, **kwargs: Any):
         # Lightning's default `logger: true` becomes our default pair, placed under the run's default_root_dir so
@@ -131,6 +135,10 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
+    except SIGTERMException:
+        # Stopped by SIGTERM or the requeue signal (after PreemptionCheckpoint saved, within a training step): the
+        # shell's status for SIGTERM, so that `fit ... && next` does not go on with an unfinished run.
+        sys.exit(128 + signal.SIGTERM)
     except Exception as err:
         config_error = _find_config_error(err)
         if config_error is None:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,20 @@ main(sys.argv[1:])
 
 
 def _run(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "cipo_lightning", *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    """The CLI with `args`, its run folder in a temporary root: set after the last --config (which would otherwise
+    set it back to the config's runs/...), so a command that fails after creating its version_N folder leaves
+    nothing in the checkout."""
+    with tempfile.TemporaryDirectory() as root:
+        args = _with_root(list(args), root)
+        command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "cipo_lightning", *args]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _with_root(args: list[str], root: str) -> list[str]:
+    configs = [i for i, arg in enumerate(args) if arg == "--config"]
+    at = configs[-1] + 2 if configs else 1  # after the subcommand
+    return [*args[:at], "--trainer.default_root_dir", root, *args[at:]]
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

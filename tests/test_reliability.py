@@ -3,6 +3,7 @@ errors on a failing vLLM engine and on bad data."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -55,19 +56,19 @@ def test_latest_checkpoint_skips_partial_files_and_dangling_links(tmp_path):
     assert latest_checkpoint(tmp_path) == sharded.resolve()
 
 
-# Deterministic CIPO through the CLI: transformers engine, seeded, a checkpoint after every step.
-_CHECKPOINT_EVERY_STEP = """
+# Deterministic CIPO through the CLI: transformers engine, seeded, a checkpoint every N steps (default: every step).
+_CHECKPOINT_EVERY = """
 trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {every_n_train_steps: 1, save_top_k: -1, save_last: link}
+      init_args: {{every_n_train_steps: {every}, save_top_k: -1, save_last: link}}
 """
 _COMPARED = ("train/reward_mean", "train/loss", "train/grad_norm", "train/rho", "train/retention", "train/kl")
 
 
-def _resume_args(tiny_model: str, root: Path, steps: int) -> tuple[str, ...]:
-    config = root.parent / "checkpoint_every_step.yaml"
-    config.write_text(_CHECKPOINT_EVERY_STEP)
+def _resume_args(tiny_model: str, root: Path, steps: int, checkpoint_every: int = 1) -> tuple[str, ...]:
+    config = root.parent / f"checkpoint_every_{checkpoint_every}.yaml"
+    config.write_text(_CHECKPOINT_EVERY.format(every=checkpoint_every))
     return (*TINY_QUICKSTART, "--config", str(config), "--model.model", tiny_model,
             "--rollout.engine.class_path", "cipo_lightning.rollout.HFEngine", "--trainer.val_check_interval", "1000",
             "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps))  # fmt: skip
@@ -103,18 +104,142 @@ def test_sigkill_mid_step_then_resume_reaches_the_uninterrupted_metrics(tiny_mod
     rows = {row["step"]: row for row in _read_metrics(root / "version_1")}
     first = min(rows)
     assert first >= 3 and max(rows) == steps - 1, sorted(rows)
+    _assert_same_metrics(rows, expected)
+
+
+def _assert_same_metrics(rows: dict[float, dict[str, float]], expected: dict[float, dict[str, float]]) -> None:
     for step, row in rows.items():
         for key in _COMPARED:
             if key in expected[step]:
                 assert row[key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-6, nan_ok=True), (step, key)
 
 
+def _preemptible_args(tiny_model: str, root: Path, steps: int, *extra: str) -> tuple[str, ...]:
+    # No periodic checkpoint within the run; the sample table gets each step's lines as its rollouts end.
+    args = _resume_args(tiny_model, root, steps, checkpoint_every=1000)
+    return (*args, "--rollout.sample_table_every_n_steps", "1", *extra)
+
+
+def _signal_mid_step(args: tuple[str, ...], root: Path, step: int, signum: int, env: dict[str, str]) -> Path:
+    """Runs the CLI with `args`, sends `signum` to it between step `step`'s rollouts and its update, and checks it
+    exits with 143 within 120 s leaving no process of its session. Returns the checkpoint it saved."""
+    log = root.parent / f"{root.name}.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cipo_lightning", "fit", *args],
+            cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    samples = root / "version_0" / "correction_samples.jsonl"
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if samples.exists() and f'"step": {step}' in samples.read_text():
+            break  # the step's rollouts are done, its update not yet: the middle of a step
+        time.sleep(0.02)
+    assert process.poll() is None, f"the run ended or stalled before step {step}:\n" + log.read_text()[-3000:]
+    process.send_signal(signum)
+    try:
+        returncode = process.wait(timeout=120)
+        deadline = time.monotonic() + 30  # the other ranks' exit follows the launching rank's
+        while _live_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = _live_processes(process.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left (a failure here), not to outlive the test
+    assert returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert not left, f"processes of the run still alive: {left}\n" + log.read_text()[-3000:]
+    (checkpoint,) = (root / "version_0" / "checkpoints").glob("*.ckpt")
+    assert checkpoint.name.startswith("preempted-"), checkpoint.name
+    return checkpoint
+
+
+def _live_processes(session: int) -> list[str]:
+    """The command lines of the processes of a session that are still running (zombies excluded)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command)": state, ppid, pgrp, session
+            if int(fields[3]) == session and fields[0] != "Z":
+                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+    return found
+
+
+def _steps_done(checkpoint: Path) -> int:
+    return int(checkpoint.stem.rsplit("step=", 1)[1])
+
+
+def _stopped_and_resumed_match(
+    args: tuple[str, ...], root: Path, checkpoint: Path, steps: int, expected: dict[float, dict[str, float]]
+) -> None:
+    """The stopped run logged every step up to its checkpoint and `--ckpt_path last` the rest, all as in `expected`."""
+    saved_step = _steps_done(checkpoint)
+    stopped = {row["step"]: row for row in _read_metrics(root / "version_0")}
+    assert sorted(stopped) == list(range(saved_step)), sorted(stopped)  # the step in progress was finished and logged
+    _assert_same_metrics(stopped, expected)
+    resumed = _cli("fit", *args, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {checkpoint}" in resumed.stderr
+    rows = {row["step"]: row for row in _read_metrics(root / "version_1")}
+    assert sorted(rows) == list(range(saved_step, steps)), sorted(rows)
+    _assert_same_metrics(rows, expected)
+
+
+_ENV = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+
+
 @pytest.mark.slow
-def test_resume_from_last_without_a_checkpoint_starts_a_new_run(tiny_model, tmp_path):
-    result = _cli("fit", *_resume_args(tiny_model, tmp_path / "fresh", 1), "--ckpt_path", "last")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "no checkpoint" in result.stderr
-    assert [row["step"] for row in _read_metrics(tmp_path / "fresh" / "version_0")] == [0]
+def test_sigterm_mid_step_saves_a_checkpoint_and_the_resume_matches_the_uninterrupted_run(tiny_model, tmp_path):
+    """SIGTERM during a step of a run whose periodic checkpoints never come (interval 1000, 5 steps): the run
+    finishes the step, saves a checkpoint, shuts down and exits within a bounded time, leaving no process; the
+    resume with `--ckpt_path last` logs the remaining steps as the uninterrupted run did."""
+    steps = 5
+    whole = _cli("fit", *_preemptible_args(tiny_model, tmp_path / "whole", steps))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    expected = {row["step"]: row for row in _read_metrics(tmp_path / "whole" / "version_0")}
+
+    root = tmp_path / "stopped"
+    args = _preemptible_args(tiny_model, root, steps)
+    checkpoint = _signal_mid_step(args, root, 2, signal.SIGTERM, _ENV)
+    assert 3 <= _steps_done(checkpoint) < steps, checkpoint.name
+    _stopped_and_resumed_match(args, root, checkpoint, steps, expected)
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_stops_every_rank_at_the_same_step_and_resumes_exactly(tiny_model, tmp_path):
+    """Two DDP ranks on the CPU (gloo): SIGTERM to the launching rank mid-step (Lightning passes it to the other);
+    both save the same step's checkpoint and exit, nothing is left, and the resume matches the uninterrupted run."""
+    steps = 4
+    ddp = ("--config", "configs/strategy/ddp.yaml", "--trainer.devices", "2")
+    whole = _cli("fit", *_preemptible_args(tiny_model, tmp_path / "whole", steps, *ddp))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    expected = {row["step"]: row for row in _read_metrics(tmp_path / "whole" / "version_0")}
+
+    root = tmp_path / "stopped"
+    args = _preemptible_args(tiny_model, root, steps, *ddp)
+    checkpoint = _signal_mid_step(args, root, 1, signal.SIGTERM, _ENV)
+    assert 2 <= _steps_done(checkpoint) < steps, checkpoint.name
+    _stopped_and_resumed_match(args, root, checkpoint, steps, expected)
+
+
+@pytest.mark.slow
+def test_slurm_requeue_signal_saves_at_the_end_of_the_step_and_requeues(tiny_model, tmp_path):
+    """Under SLURM (its environment variables; `scontrol` is a script that records its arguments, as no SLURM runs
+    here), SIGUSR1 mid-step: the run saves after the step, not Lightning's mid-step hpc checkpoint, runs
+    `scontrol requeue <job id>` and exits."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol_calls"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "cipo", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+    env = {**_ENV, **slurm, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    root = tmp_path / "stopped"
+    checkpoint = _signal_mid_step(_preemptible_args(tiny_model, root, 5), root, 1, signal.SIGUSR1, env)
+    assert 2 <= _steps_done(checkpoint) < 5, checkpoint.name
+    assert calls.read_text() == "requeue 4242\n"
+    assert not list(root.rglob("hpc_ckpt_*")), "Lightning's mid-step hpc checkpoint was written"
 
 
 class NaNFirstCall(ParityReward):
