@@ -16,6 +16,7 @@ from typing import Any, Literal, NamedTuple
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
@@ -38,7 +39,8 @@ from cipo_lightning.distributed import StepStats, gather_objects, max_over_ranks
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.evaluation import Evaluation
 from cipo_lightning.models import EMBEDDED_MODEL, resolve_model_path
-from cipo_lightning.rollout.batch import CORRECTION_STREAM, STREAM_NAMES, RolloutBatch
+from cipo_lightning.rollout.batch import CORRECTION_STREAM, STREAM_NAMES, RolloutBatch, collate_rollouts
+from cipo_lightning.rollout.engine import Sample
 from cipo_lightning.strategies import FSDP2Strategy
 
 
@@ -88,6 +90,7 @@ class CIPOModule(L.LightningModule):
         lambda_corr: float = 1.0,
         micro_batch_size: int = 8,
         gradient_checkpointing: bool = True,
+        pack_sequences: bool | None = False,
     ) -> None:
         """
         Args:
@@ -124,6 +127,11 @@ class CIPOModule(L.LightningModule):
                 stream normalised over its own tokens or sequences (no effect under rollout.algorithm grpo).
             micro_batch_size: completions per forward/backward pass; gradients accumulate to the same result.
             gradient_checkpointing: recompute activations in backward to save memory.
+            pack_sequences: feed each micro-batch as one padding-free sequence (positions restart per row, attention
+                stays within a row) instead of rows padded to the longest prompt and completion; the log-probs and
+                the gradient are the same (tests/test_packing.py). None: pack when a check at model load shows the
+                model's attention keeps packed rows apart (it compares packed and padded log-probs), else pad and say
+                why; true: pack or stop with an error; false (default until its speed is measured): pad.
         """
         super().__init__()
         for key, value in {
@@ -148,6 +156,7 @@ class CIPOModule(L.LightningModule):
         self.reference: torch.nn.Module | None = None
         self.tokenizer = None
         self.model_path: str | None = None
+        self.packing = False  # decided in configure_model from pack_sequences
         # Counts optimizer steps; the rollout callback pushes weights into the engine when it changes.
         self.policy_version = 0
         # Steps without an optimizer step (see training_step), since the run began (checkpointed).
@@ -173,6 +182,7 @@ class CIPOModule(L.LightningModule):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.policy.config.use_cache = False
+        self.packing = self._choose_packing()
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.hparams.beta > 0:
@@ -184,6 +194,33 @@ class CIPOModule(L.LightningModule):
             for model in (self.policy, self.reference):
                 if model is not None:
                     strategy.shard(model)
+
+    def _choose_packing(self) -> bool:
+        """Whether to feed packed sequences (model.pack_sequences): a packed and a padded forward of two short rows
+        must give the same log-probs. Models whose attention ignores restarting position ids (it would attend across
+        rows) fail it and are trained padded."""
+        setting = self.hparams.pack_sequences
+        if setting is False:
+            return False
+        prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+        samples = [Sample([9, 10, 11, 12], [0.0] * 4, False), Sample([13, 14], [0.0] * 2, False)]
+        probe = collate_rollouts(prompts, samples, [0.0, 0.0], [0, 0], 0, 1.0, 4)
+        probe = probe.to(next(self.policy.parameters()).device)
+        with torch.no_grad():
+            padded, _ = _padded_token_logprobs(self.policy, probe)
+            packed, _ = _packed_token_logprobs(self.policy, probe)
+        difference = ((padded - packed) * probe.completion_mask).abs().max().item()
+        if difference < 1e-3:
+            return True
+        reason = (
+            f"packed and padded log-probs differ by {difference:.3g} for {type(self.policy).__name__} with "
+            f"attention {getattr(self.policy.config, '_attn_implementation', '?')}: its attention does not keep "
+            "packed rows apart"
+        )
+        if setting:
+            raise ConfigError(f"model.pack_sequences true: {reason}; set it to null or false")
+        rank_zero_info(f"model.pack_sequences: training on padded rows ({reason})")
+        return False
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(
@@ -433,20 +470,13 @@ class CIPOModule(L.LightningModule):
                     metrics[f"train/{name}_kl"] = sums["kl"][stream].item() / count
         return metrics
 
-    @staticmethod
     def token_logprobs(
-        model: torch.nn.Module, batch: RolloutBatch, entropy_grad: bool = False
+        self, model: torch.nn.Module, batch: RolloutBatch, entropy_grad: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """Log-probs and entropies of the completion tokens under `model`, [rows, completion_width]."""
-        width = batch.completion_mask.shape[1]
-        logits = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            logits_to_keep=width + 1,
-            use_cache=False,
-        ).logits[:, :-1]
-        return sampled_token_logprobs_and_entropy(logits, batch.completion_ids, batch.temperature, entropy_grad)
+        """Log-probs and entropies of the completion tokens under `model`, [rows, completion_width], from packed or
+        padded rows (model.pack_sequences)."""
+        forward = _packed_token_logprobs if self.packing else _padded_token_logprobs
+        return forward(model, batch, entropy_grad)
 
     def setup(self, stage: str) -> None:
         # Atomic checkpoint files (a kill mid-write never leaves a truncated one), unless a plugin chose otherwise.
@@ -480,6 +510,40 @@ class CIPOModule(L.LightningModule):
         states, self._rng_states = self._rng_states, None
         if states is not None and len(states) == self.trainer.world_size:
             set_rng_states(states[self.trainer.global_rank])
+
+
+def _padded_token_logprobs(
+    model: torch.nn.Module, batch: RolloutBatch, entropy_grad: bool = False
+) -> tuple[Tensor, Tensor]:
+    """token_logprobs on the rows as laid out: padded to the longest prompt and completion, logits for the last
+    completion_width + 1 positions."""
+    width = batch.completion_mask.shape[1]
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=width + 1,
+        use_cache=False,
+    ).logits[:, :-1]
+    return sampled_token_logprobs_and_entropy(logits, batch.completion_ids, batch.temperature, entropy_grad)
+
+
+def _packed_token_logprobs(
+    model: torch.nn.Module, batch: RolloutBatch, entropy_grad: bool = False
+) -> tuple[Tensor, Tensor]:
+    """token_logprobs on the rows packed into one sequence: no padding is processed, logits only where a completion
+    token is predicted. transformers keeps attention within each row when the position ids restart and there is no
+    attention mask (sdpa, eager, flex and flash attention alike)."""
+    packed = batch.packed()
+    logits = model(
+        input_ids=packed.input_ids[None],
+        position_ids=packed.position_ids[None],
+        logits_to_keep=packed.keep,
+        use_cache=False,
+    ).logits[0]
+    logprobs, entropy = sampled_token_logprobs_and_entropy(logits, packed.targets, batch.temperature, entropy_grad)
+    shape, index = batch.completion_mask.shape, (packed.rows, packed.cols)
+    return logprobs.new_zeros(shape).index_put(index, logprobs), entropy.new_zeros(shape).index_put(index, entropy)
 
 
 def _full(tensor: Tensor) -> Tensor:

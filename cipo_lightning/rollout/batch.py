@@ -4,6 +4,10 @@ Each row is [left padding][prompt][completion][right padding], with every prompt
 completion of every row then starts at column `prompt_width`, so the model's logits are needed only for the last
 `completion_width + 1` positions (`logits_to_keep`), and all per-token tensors are [rows, completion_width].
 
+The same rows can also be fed packed (`RolloutBatch.packed`): every row's real tokens one after the other in a single
+sequence, positions restarting at each row, so the model processes no padding at all; the logits are then taken only
+at the positions that predict a completion token.
+
 Under CIPO one batch holds two streams: the base groups (problem -> attempt) and the correction groups (problem and
 an anchor attempt -> correction). A stream label per row lets the loss normalise and weight each stream on its own;
 only completion tokens are ever trained, so a correction prompt's anchor text never is.
@@ -43,6 +47,18 @@ class ScoredGroup:
 
 
 @dataclass
+class PackedRows:
+    """The rows of a batch as one padding-free sequence (see RolloutBatch.packed)."""
+
+    input_ids: Tensor  # [tokens], every row's prompt and completion tokens, row after row
+    position_ids: Tensor  # [tokens], restarting at 0 at each row: the model keeps attention within a row
+    keep: Tensor  # [completion tokens], positions whose logits predict a completion token
+    targets: Tensor  # [completion tokens], the completion token each kept position predicts
+    rows: Tensor  # [completion tokens], its row ...
+    cols: Tensor  # [completion tokens], ... and column in the [rows, completion_width] layout
+
+
+@dataclass
 class RolloutBatch:
     """Scored completions of one step, ready for the loss."""
 
@@ -70,6 +86,21 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def packed(self) -> PackedRows:
+        """The rows packed into one sequence without padding (the attention mask selects each row's tokens in
+        order, so flattening it concatenates the rows)."""
+        real = self.attention_mask.bool()
+        lengths = real.sum(-1)
+        prompt_lengths = real[:, : self.prompt_width].sum(-1)
+        completion_lengths = real[:, self.prompt_width :].sum(-1)
+        device = self.input_ids.device
+        starts = torch.cumsum(lengths, 0) - lengths
+        position_ids = torch.arange(int(lengths.sum()), device=device) - starts.repeat_interleave(lengths)
+        rows = torch.arange(len(self), device=device).repeat_interleave(completion_lengths)
+        cols = torch.arange(len(rows), device=device) - (torch.cumsum(completion_lengths, 0) - completion_lengths)[rows]
+        keep = (starts + prompt_lengths - 1)[rows] + cols
+        return PackedRows(self.input_ids[real], position_ids, keep, self.completion_ids[rows, cols], rows, cols)
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
