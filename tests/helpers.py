@@ -33,6 +33,12 @@ class HalfInformativeReward:
         return [float(len(c) % 2 == 0) if int(a) % 2 else 0.0 for c, a in zip(completions, answer, strict=True)]
 
 
+def tiny_grpo_fit_args(tiny_model: str) -> list[str]:
+    """CLI arguments of a quickstart-config GRPO fit on the tiny model with the transformers engine (no vLLM start)."""
+    return ["fit", "--config", "configs/quickstart.yaml", "--algorithm", "grpo", "--model.model", tiny_model,
+            "--rollout.engine", "cipo_lightning.rollout.HFEngine"]  # fmt: skip
+
+
 def two_group_batch():
     """Two groups of four with different rewards and lengths (rank r of 2 gets group r)."""
     prompts = [[1, 9690, 198], [1, 4093], [1, 4093, 198, 6004], [1, 520]] * 2

@@ -19,6 +19,7 @@ from cipo_lightning.errors import ConfigError
 from cipo_lightning.module import CIPOModule
 from cipo_lightning.progress import StepProgressBar
 from cipo_lightning.rollout.vllm_engine import _EXPECTED_WARNINGS, VLLMEngine, configure_vllm_logging
+from tests.helpers import tiny_grpo_fit_args
 
 REPO = Path(__file__).resolve().parent.parent
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
@@ -128,15 +129,7 @@ def _cli(*args: str, cwd: Path = REPO, env_extra: dict[str, str] | None = None) 
 def test_progress_bar_counts_steps_with_step_time_and_reward(tiny_model, tmp_path):
     """GRPO on the tiny model with the transformers engine, two steps, through the CLI."""
     result = _cli(
-        "fit",
-        "--config",
-        "configs/quickstart.yaml",
-        "--algorithm",
-        "grpo",
-        "--model.model",
-        tiny_model,
-        "--rollout.engine",
-        "cipo_lightning.rollout.HFEngine",
+        *tiny_grpo_fit_args(tiny_model),
         "--rollout.group_size",
         "2",
         "--rollout.max_new_tokens",

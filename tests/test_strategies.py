@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from cipo_lightning.module import CIPOModule, micro_batch_bounds
 from cipo_lightning.rollout import HFEngine, SamplingSettings
 from cipo_lightning.rollout.engine import derived_seed
-from tests.helpers import two_group_batch
+from tests.helpers import tiny_grpo_fit_args, two_group_batch
 
 REPO = Path(__file__).resolve().parents[1]
 # Max abs parameter difference after 2 steps at learning rate 1e-5, in which parameters move up to 2e-5. Measured
@@ -33,15 +33,7 @@ def _fit(tiny_model: str, root: Path, *extra: str) -> dict[str, torch.Tensor]:
         sys.executable,
         "-m",
         "cipo_lightning",
-        "fit",
-        "--config",
-        "configs/quickstart.yaml",
-        "--algorithm",
-        "grpo",
-        "--model.model",
-        tiny_model,
-        "--rollout.engine",
-        "cipo_lightning.rollout.HFEngine",
+        *tiny_grpo_fit_args(tiny_model),
         "--rollout.reproducible_sampling",
         "true",
         "--rollout.max_new_tokens",
