@@ -8,6 +8,11 @@ out. From metrics.csv, per step (median over steps):
   optim = time/optim (policy forward, backward and optimizer step; a reference forward too when model.beta > 0,
   0 in this config), other = time/step - the rest;
   overhead = time/step / (rollout + optim) (target <= 1.15).
+Padding and the dense floor: train/padding_frac is the share of the positions the policy's passes processed that were
+padding (target <= 0.10); train/trained_tokens_per_s (real tokens through forward and backward per second of optim) is
+compared with the dense floor measured in the same run: the same model, loaded as the run loads it (dtype, gradient
+checkpointing), trained one AdamW step on one unpadded batch of the step's token count (the run's median
+train/trained_tokens, as rows of 96 tokens, about a quickstart row), with logits at every position (target >= 0.9).
 Peak memory is the process's maximum resident set (the engine runs in the trainer's process), shown against the sum
 of the parts measured in the same run (common.PhaseRecorder.parts_gb): runtime, engine, weights, gradients, AdamW
 state and one micro-batch's activations; the rest is what the allocator holds beyond them.
@@ -21,9 +26,11 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from common import train_quickstart
 
 PARTS = ("rollout", "verify", "sync", "optim", "other")
@@ -32,7 +39,7 @@ PARTS = ("rollout", "verify", "sync", "optim", "other")
 def step_parts(algorithm: str, steps: int, root: Path, extra: list[str]) -> tuple[dict[str, float], dict[str, Any]]:
     """Median seconds per part over steps 1.. of one quickstart training run, and its memory (train_quickstart)."""
     rows, memory = train_quickstart(["--algorithm", algorithm, *extra], steps, root)
-    parts = {part: [] for part in (*PARTS, "step")}
+    parts = {part: [] for part in (*PARTS, "step", "padding_frac", "tokens", "tokens_per_s")}
     for row in rows[1:]:
         known = {
             "rollout": row["time/rollout"] + row.get("time/correction_rollout", 0.0),
@@ -42,9 +49,38 @@ def step_parts(algorithm: str, steps: int, root: Path, extra: list[str]) -> tupl
         }
         known["other"] = row["time/step"] - sum(known.values())
         known["step"] = row["time/step"]
+        known["padding_frac"] = row.get("train/padding_frac", float("nan"))
+        known["tokens"] = row.get("train/trained_tokens", float("nan"))
+        known["tokens_per_s"] = row.get("train/trained_tokens_per_s", float("nan"))
         for part, value in known.items():
             parts[part].append(value)
     return {part: statistics.median(values) for part, values in parts.items()}, memory
+
+
+def dense_floor(run: Path, tokens: int, row_tokens: int = 96, repeats: int = 3) -> float:
+    """Tokens per second of one AdamW step on an unpadded [tokens // row_tokens, row_tokens] batch of random tokens
+    through the run's model loaded as the run loaded it (its hparams.yaml), logits at every position; median of
+    `repeats` after a warm-up."""
+    import torch
+
+    from cipo_lightning.module import CIPOModule
+
+    hparams = yaml.safe_load((run / "hparams.yaml").read_text())
+    module = CIPOModule(model=hparams["model"], gradient_checkpointing=hparams["gradient_checkpointing"])
+    module.configure_model()
+    optimizer = torch.optim.AdamW(module.policy.parameters(), lr=1e-12)
+    shape = (max(tokens // row_tokens, 1), row_tokens)
+    input_ids = torch.randint(module.policy.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        logits = module.policy(input_ids=input_ids, use_cache=False).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return input_ids.numel() / statistics.median(times[1:])
 
 
 def main() -> None:
@@ -55,6 +91,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for algorithm in ("grpo", "cipo"):
             results[algorithm] = step_parts(algorithm, args.steps, Path(tmp) / algorithm, extra)
+            parts = results[algorithm][0]
+            parts["floor"] = dense_floor(Path(tmp) / algorithm / "version_0", int(parts["tokens"]))
 
     print(f"configs/quickstart.yaml {' '.join(extra)}, median of steps 1-{args.steps - 1} (seconds)")
     print(f"{'':6s}" + "".join(f"{name:>9s}" for name in (*PARTS, "step", "overhead", "peak GB")))
@@ -64,6 +102,12 @@ def main() -> None:
         print(f"{algorithm:6s}" + "".join(cells))
     grpo, cipo = (results[a][0]["step"] for a in ("grpo", "cipo"))
     print("overhead = step / (rollout + optim), target <= 1.15")
+    for algorithm, (parts, _) in results.items():
+        print(
+            f"{algorithm} padding_frac {parts['padding_frac']:.3f} (target <= 0.10); trained tokens/s "
+            f"{parts['tokens_per_s']:.1f} ({parts['tokens']:.0f} tokens a step), dense floor {parts['floor']:.1f}: "
+            f"ratio {parts['tokens_per_s'] / parts['floor']:.3f} (target >= 0.9)"
+        )
     print(f"CIPO step / GRPO step at the same base batch: {cipo / grpo:.2f}")
     for algorithm, (_, memory) in results.items():
         memory_parts = memory["parts_gb"]

@@ -53,7 +53,7 @@ class LossTargets(NamedTuple):
     stream_coefs: Tensor  # [rows], 1 for base rows, lambda_corr for correction rows
     stream_tokens: Tensor  # [streams], trained tokens of each stream on all ranks
     world_size: int
-    micro_batches: int  # forward/backward passes per update, the most any rank needs (see micro_batch_bounds)
+    micro_batches: int  # forward/backward passes per update, the most any rank needs (see padded_micro_batches)
 
 
 # Per-stream sums accumulated over micro-batches for the step's metrics.
@@ -89,6 +89,7 @@ class CIPOModule(L.LightningModule):
         overlong_penalty_factor: float = 1.0,
         lambda_corr: float = 1.0,
         micro_batch_size: int = 8,
+        micro_batch_tokens: int | None = None,
         gradient_checkpointing: bool = True,
         pack_sequences: bool | None = False,
     ) -> None:
@@ -126,6 +127,11 @@ class CIPOModule(L.LightningModule):
             lambda_corr: weight of the correction stream's loss (CIPO): L = L_base + lambda_corr * L_corr, each
                 stream normalised over its own tokens or sequences (no effect under rollout.algorithm grpo).
             micro_batch_size: completions per forward/backward pass; gradients accumulate to the same result.
+            micro_batch_tokens: cut micro-batches by this many processed positions instead (micro_batch_size is then
+                unused): the rows are sorted by length and grouped while a pass stays within the budget (the real
+                tokens when packed, rows x longest prompt + longest completion when padded; a longer row gets a pass
+                of its own). Like verl's dynamic batch size: fewer, fuller passes and little padding; the gradient is
+                the same.
             gradient_checkpointing: recompute activations in backward to save memory.
             pack_sequences: feed each micro-batch as one padding-free sequence (positions restart per row, attention
                 stays within a row) instead of rows padded to the longest prompt and completion; the log-probs and
@@ -148,6 +154,8 @@ class CIPOModule(L.LightningModule):
             raise ConfigError(f"model.dual_clip must be > 1 (or null), got {dual_clip}")
         if micro_batch_size < 1:
             raise ConfigError(f"model.micro_batch_size must be >= 1, got {micro_batch_size}")
+        if micro_batch_tokens is not None and micro_batch_tokens < 1:
+            raise ConfigError(f"model.micro_batch_tokens must be >= 1 (or null), got {micro_batch_tokens}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         # The reference is frozen and reloadable from `model`: it is left out of checkpoints (see on_save_checkpoint).
@@ -252,6 +260,9 @@ class CIPOModule(L.LightningModule):
         or saved."""
         batch, _, _ = next(dataloader_iter)
         batch = batch.to(self.device)
+        if self.hparams.micro_batch_tokens is not None:
+            # Rows of like length share a pass (the loss does not depend on row order: groups are labelled).
+            batch = batch.take(torch.argsort(batch.attention_mask.sum(-1), descending=True, stable=True))
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         start = time.perf_counter()
@@ -265,9 +276,11 @@ class CIPOModule(L.LightningModule):
         # Several updates per batch need the behaviour policy's log-probs fixed before the first one moves it.
         several_updates = self.hparams.updates_per_batch > 1
         old_logprobs = self.completion_logprobs(batch, targets.micro_batches) if several_updates else None
+        trained_tokens = 0.0
         for _ in range(self.hparams.updates_per_batch):
             optimizer.zero_grad(set_to_none=True)
             metrics = self.accumulate_policy_gradient(batch, self.manual_backward, old_logprobs, targets)
+            trained_tokens += metrics["train/trained_tokens"]
             max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
             grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)).item()
             metrics["train/grad_norm"] = grad_norm
@@ -280,6 +293,9 @@ class CIPOModule(L.LightningModule):
             scheduler.step()
             self.policy_version += 1
         metrics["time/optim"] = time.perf_counter() - start
+        # All ranks' real tokens through forward and backward per second of the optim phase (the benchmarks compare
+        # it with the model's dense floor).
+        metrics["train/trained_tokens_per_s"] = trained_tokens / metrics["time/optim"]
         self.log_dict({**metrics, **self._guard_counts()}, on_step=True, on_epoch=False, batch_size=len(batch))
 
     @staticmethod
@@ -314,8 +330,8 @@ class CIPOModule(L.LightningModule):
         """The policy's log-probs of every completion token of the batch, [rows, completion_width], in
         `micro_batches` passes (default: as many as this rank's rows need)."""
         out = torch.zeros_like(batch.engine_logprobs)
-        micro_batches = micro_batches or math.ceil(len(batch) / self.hparams.micro_batch_size)
-        for start, stop, padding in micro_batch_bounds(len(batch), self.hparams.micro_batch_size, micro_batches):
+        bounds = self.micro_batch_bounds(batch)
+        for start, stop, padding in padded_micro_batches(bounds, micro_batches or len(bounds)):
             logprobs, _ = self.token_logprobs(self.policy, batch.rows(start, stop))
             if not padding:
                 out[start:stop, : logprobs.shape[1]] = logprobs
@@ -345,7 +361,7 @@ class CIPOModule(L.LightningModule):
         local = torch.stack([torch.stack([v.double() for v in stream]) for stream in sums]).cpu()
         totals, world_size = sum_over_ranks(local)
         stream_tokens = totals[:, 1]
-        micro_batches = max_over_ranks(math.ceil(len(batch) / hp.micro_batch_size))
+        micro_batches = max_over_ranks(len(self.micro_batch_bounds(batch)))
         advantages, weights = torch.zeros_like(rewards), torch.zeros_like(mask)
         for rows, (global_rows, global_tokens, reward_sum, reward_sq_sum) in zip(in_stream, totals, strict=True):
             if not rows.any():
@@ -382,8 +398,12 @@ class CIPOModule(L.LightningModule):
         advantages, full_mask, weights, stream_coefs, stream_tokens, world_size, micro_batches = targets
         sums = {key: torch.zeros(len(STREAM_NAMES), dtype=torch.float64) for key in _STREAM_SUMS}
         maxima = {"logp_mismatch_max": 0.0, "is_weight_max": 0.0}
-        for start, stop, padding in micro_batch_bounds(len(batch), hp.micro_batch_size, micro_batches):
+        positions = {"processed": 0, "real": 0}  # input positions through the policy's forward/backward
+        for start, stop, padding in padded_micro_batches(self.micro_batch_bounds(batch), micro_batches):
             micro = batch.rows(start, stop)
+            real = int(micro.attention_mask.sum())
+            positions["processed"] += real if self.packing else micro.attention_mask.numel()
+            positions["real"] += 0 if padding else real
             if padding:
                 # This rank has fewer micro-batches than another: a zero-weight pass keeps the data-parallel
                 # collectives (DDP's gradient all-reduce, FSDP's gathers) in step and adds nothing.
@@ -433,13 +453,18 @@ class CIPOModule(L.LightningModule):
             maxima["logp_mismatch_max"] = max(maxima["logp_mismatch_max"], mismatch.max().item())
         # Over all ranks (every rank calls this: a collective), so the logged values are the global batch's.
         per_stream = StepStats(
-            sums={f"{key}/{i}": value for key, values in sums.items() for i, value in enumerate(values.tolist())},
+            sums={f"{key}/{i}": value for key, values in sums.items() for i, value in enumerate(values.tolist())}
+            | {f"positions/{key}": float(value) for key, value in positions.items()},
             maxima=maxima,
         ).reduce()
         streams = range(len(STREAM_NAMES))
         sums = {key: torch.tensor([per_stream[f"{key}/{i}"] for i in streams], dtype=torch.float64) for key in sums}
         maxima = {key: per_stream[key] for key in maxima}
-        return self._policy_metrics(sums, maxima, stream_tokens)
+        processed, real = per_stream["positions/processed"], per_stream["positions/real"]
+        metrics = self._policy_metrics(sums, maxima, stream_tokens)
+        metrics["train/padding_frac"] = 1.0 - real / max(processed, 1.0)
+        metrics["train/trained_tokens"] = real
+        return metrics
 
     def _policy_metrics(
         self, sums: dict[str, Tensor], maxima: dict[str, float], stream_tokens: Tensor
@@ -469,6 +494,16 @@ class CIPOModule(L.LightningModule):
                 if self.reference is not None:
                     metrics[f"train/{name}_kl"] = sums["kl"][stream].item() / count
         return metrics
+
+    def micro_batch_bounds(self, batch: RolloutBatch) -> list[tuple[int, int]]:
+        """This rank's micro-batches as row ranges: by model.micro_batch_tokens when set, else by micro_batch_size."""
+        budget = self.hparams.micro_batch_tokens
+        if budget is None:
+            return row_count_bounds(len(batch), self.hparams.micro_batch_size)
+        real = batch.attention_mask.bool()
+        prompt_lengths = real[:, : batch.prompt_width].sum(-1).tolist()
+        completion_lengths = real[:, batch.prompt_width :].sum(-1).tolist()
+        return token_budget_bounds(prompt_lengths, completion_lengths, budget, self.packing)
 
     def token_logprobs(
         self, model: torch.nn.Module, batch: RolloutBatch, entropy_grad: bool = False
@@ -551,10 +586,33 @@ def _full(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def micro_batch_bounds(rows: int, size: int, count: int) -> Iterator[tuple[int, int, bool]]:
-    """(start, stop, padding) of `count` micro-batches of at most `size` rows: the real ones, then repeats of the
-    last one marked padding (data-parallel ranks must run the same number of passes)."""
-    bounds = [(start, min(start + size, rows)) for start in range(0, rows, size)]
+def row_count_bounds(rows: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) of consecutive micro-batches of at most `size` rows."""
+    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def token_budget_bounds(
+    prompt_lengths: list[int], completion_lengths: list[int], max_tokens: int, packed: bool
+) -> list[tuple[int, int]]:
+    """[start, stop) of consecutive micro-batches, each grown while the positions its forward processes stay within
+    `max_tokens`: the rows' real tokens when packed; rows x (longest prompt + longest completion) when padded. A row
+    longer than the budget gets a micro-batch of its own."""
+
+    def cost(start: int, stop: int) -> int:
+        prompts, completions = prompt_lengths[start:stop], completion_lengths[start:stop]
+        return sum(prompts) + sum(completions) if packed else (stop - start) * (max(prompts) + max(completions))
+
+    bounds, start = [], 0
+    for row in range(1, len(prompt_lengths)):
+        if cost(start, row + 1) > max_tokens:
+            bounds.append((start, row))
+            start = row
+    return bounds + [(start, len(prompt_lengths))] if prompt_lengths else bounds
+
+
+def padded_micro_batches(bounds: list[tuple[int, int]], count: int) -> Iterator[tuple[int, int, bool]]:
+    """(start, stop, padding) of `count` micro-batches: the real ones, then repeats of the last one marked padding
+    (data-parallel ranks must run the same number of passes)."""
     for index in range(count):
         yield (*bounds[min(index, len(bounds) - 1)], index >= len(bounds))
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cipo_lightning.module import CIPOModule, micro_batch_bounds
+from cipo_lightning.module import CIPOModule, padded_micro_batches, row_count_bounds
 from cipo_lightning.rollout import HFEngine, SamplingSettings
 from cipo_lightning.rollout.engine import derived_seed
 from tests.helpers import tiny_grpo_fit_args, two_group_batch
@@ -104,8 +104,9 @@ def _initial(tiny_model: str) -> dict[str, torch.Tensor]:
 
 
 def test_micro_batch_bounds_pad_with_repeats_of_the_last_micro_batch():
-    assert list(micro_batch_bounds(10, 4, 3)) == [(0, 4, False), (4, 8, False), (8, 10, False)]
-    assert list(micro_batch_bounds(10, 4, 5))[3:] == [(8, 10, True), (8, 10, True)]
+    bounds = row_count_bounds(10, 4)
+    assert list(padded_micro_batches(bounds, 3)) == [(0, 4, False), (4, 8, False), (8, 10, False)]
+    assert list(padded_micro_batches(bounds, 5))[3:] == [(8, 10, True), (8, 10, True)]
 
 
 def test_padding_micro_batches_add_nothing_to_the_gradient(tiny_model):

@@ -40,8 +40,12 @@ class _StaleCallback(RolloutCallback):
         times["time/weight_sync"] = 0.0
 
 
-def _fit_hf(tiny_model: str, callback_class=RolloutCallback, steps: int = 2, reward=None, **callback_args):
-    module = CIPOModule(model=tiny_model, learning_rate=1e-2, micro_batch_size=4, gradient_checkpointing=False)
+def _fit_hf(
+    tiny_model: str, callback_class=RolloutCallback, steps: int = 2, reward=None, module_args=None, **callback_args
+):
+    module = CIPOModule(
+        model=tiny_model, learning_rate=1e-2, micro_batch_size=4, gradient_checkpointing=False, **(module_args or {})
+    )
     task = ReasoningGymTask(train_size=64, val_size=8, reward=reward or ParityReward())
     datamodule = RolloutDataModule(task, prompts_per_step=2)
     callback = callback_class(
@@ -73,6 +77,18 @@ def test_hf_engine_parameters_change_and_rollouts_are_on_policy(tiny_model):
     assert _changed(policy, _initial_weights(tiny_model)), "no parameter changed after 3 steps"
     assert all(step["train/grad_norm"] > 0 for step in logged)
     assert all(step["train/logp_mismatch"] < 1e-4 for step in logged)
+
+
+def test_packed_token_budget_steps_are_on_policy_without_padding(tiny_model):
+    """Rows sorted by length, cut by a token budget and packed: the weights move, the trainer's log-probs still follow
+    the engine's, and the passes process no padding."""
+    budget = {"pack_sequences": True, "micro_batch_tokens": 48}
+    module, _, logged = _fit_hf(tiny_model, steps=2, module_args=budget)
+    assert _changed({n: p.detach() for n, p in module.policy.named_parameters()}, _initial_weights(tiny_model))
+    assert all(step["train/logp_mismatch"] < 1e-4 for step in logged)
+    assert all(step["train/padding_frac"] == 0.0 and step["train/trained_tokens_per_s"] > 0 for step in logged)
+    # 2 prompts x 4 samples of prompt + completion tokens, in more than one pass of <= 48 positions.
+    assert all(step["train/trained_tokens"] > 48 for step in logged)
 
 
 def test_stale_engine_is_detected(tiny_model):
@@ -149,7 +165,8 @@ def test_vllm_quickstart_config_trains_cipo_on_policy_and_resumes_rho(tiny_model
                 "train/correction_reward_mean", "train/correction_advantage_shift_mean", "train/i2c_rate",
                 "train/c2i_rate", "train/retention", "train/base_loss", "train/correction_loss",
                 "train/base_clip_frac", "train/correction_clip_frac", "train/correction_prompt_len_mean",
-                "train/correction_len_mean", "time/correction_rollout", "time/step"):  # fmt: skip
+                "train/correction_len_mean", "time/correction_rollout", "time/step", "train/padding_frac",
+                "train/trained_tokens", "train/trained_tokens_per_s"):  # fmt: skip
         assert key in rows[0], key
     assert rows[0]["train/anchors_correct"] == rows[0]["train/anchors_failed"] == 1  # rho 0.5 of 2 anchors
     assert all(row["train/anchors_correct"] + row["train/anchors_failed"] == 2 for row in rows)

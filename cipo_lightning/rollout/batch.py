@@ -106,6 +106,11 @@ class RolloutBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{name: value.to(device) for name, value in moved.items() if isinstance(value, Tensor)})
 
+    def take(self, indices: Tensor) -> RolloutBatch:
+        """The rows at `indices`, in that order, with the batch's columns."""
+        per_row = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: value[indices] for name, value in per_row.items() if isinstance(value, Tensor)})
+
     def rows(self, start: int, stop: int) -> RolloutBatch:
         """Rows [start, stop), with the padding columns that no remaining row uses cut away."""
         attention = self.attention_mask[start:stop]
