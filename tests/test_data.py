@@ -1,6 +1,7 @@
 """Tasks and the prompt stream, without any model."""
 
 import json
+import re
 
 import pytest
 
@@ -17,16 +18,29 @@ def test_reasoning_gym_task_rows_and_disjoint_validation():
         dataset_kwargs={"min_terms": 2, "max_terms": 2, "max_digits": 1}, train_size=50, val_size=50
     )
     train, val = task.load()
-    assert len(train) == 50 and 0 < len(val) <= 50
+    assert len(train) == len(val) == 50
     assert not {row["question"] for row in train} & {row["question"] for row in val}
     row = train[0]
     assert row["prompt"] == [{"role": "user", "content": row["question"] + " Give only the final number."}]
     # The default verifier is reasoning-gym's own check of this dataset.
     assert task.score([row, row], [f"It is {row['answer']}", "no idea"]) == [1.0, 0.0]
-    # reasoning-gym draws item i from seed + i: validation from seed + 1 was the training items shifted by one, all
-    # dropped as duplicates. In a large problem space every validation problem survives.
-    _, val = ReasoningGymTask(train_size=200, val_size=50).load()
-    assert len(val) == 50
+    with pytest.raises(ConfigError, match="val_problem_frac must be in"):
+        ReasoningGymTask(val_problem_frac=1.0)
+
+
+def test_reasoning_gym_held_out_problems_are_drawn_like_the_training_stream():
+    """The quickstart's task: no held-out problem is ever trained on, and problem types keep their shares (the old
+    split, training drawn first, left 88% two-digit + two-digit sums held out against 40% in training)."""
+    kwargs = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": ["+"],
+              "allow_negation": False, "allow_parentheses": False}  # fmt: skip
+    train, val = ReasoningGymTask(dataset_kwargs=kwargs, train_size=10_000, val_size=200).load()
+    assert not {row["question"] for row in train} & {row["question"] for row in val}
+
+    def two_digit_share(rows):
+        terms = [re.findall(r"\d+", row["question"]) for row in rows]
+        return sum(all(len(term) == 2 for term in pair) for pair in terms) / len(rows)
+
+    assert abs(two_digit_share(val) - two_digit_share(train)) <= 0.10, (two_digit_share(val), two_digit_share(train))
 
 
 def test_dataset_task_from_a_local_file_passes_columns_to_the_verifier(tmp_path):
