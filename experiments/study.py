@@ -27,6 +27,9 @@ Wall time on the x axis is the summed `time/step` of the training steps (rollout
 weight sync, optimisation): it leaves out start-up and validation, which do not depend on the algorithm.
 
 Finished runs are reused, so a rerun after an interruption trains only what is missing; --fresh starts over.
+
+The harness is not tied to two algorithms: `main` takes any set of variants (CLI options per variant) and the pairs to
+compare; experiments/ablation.py runs CIPO's ablations with it.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ from typing import Any
 from cipo_lightning.runs import read_eval_reports, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-ALGORITHMS = ("grpo", "cipo")
+# Each variant is a set of CLI options on top of the study's config; the study compares the two algorithms.
+VARIANTS = {"grpo": ["--algorithm", "grpo"], "cipo": ["--algorithm", "cipo"]}
+COMPARISONS = [("cipo", "grpo")]
 # Held-out metrics (averaged over eval sets by the Evaluation callback) and training-time correction metrics.
 EVAL_KEYS = (
     "pass@1",
@@ -61,7 +66,9 @@ EVAL_KEYS = (
     "i2c_rate",
     "retention",
 )
-TRAIN_KEYS = ("train/reward_mean", "train/i2c_rate", "train/c2i_rate", "train/retention", "train/rho", "time/step")
+TRAIN_KEYS = ("train/reward_mean", "train/i2c_rate", "train/c2i_rate", "train/retention", "train/rho",
+              "train/anchors_correct", "train/anchor_correct_frac", "train/correction_advantage_shift_mean",
+              "time/step")  # fmt: skip
 
 
 def run_cli(subcommand: str, args: list[str], root: Path) -> None:
@@ -85,8 +92,11 @@ def is_finished(run_dir: Path, last_step: int) -> bool:
     return (run_dir / "eval" / f"val_step{last_step}.json").exists()
 
 
-def run_study(seeds: list[int], steps: int, val_every: int, out: Path, extra: list[str]) -> int:
-    """Trains and validates what is missing under `out`; returns how many runs it did."""
+def run_study(
+    seeds: list[int], steps: int, val_every: int, out: Path, extra: list[str], variants: dict[str, list[str]]
+) -> int:
+    """Trains and validates what is missing under `out`, each variant on each seed (a seed's variants see the same
+    prompts); returns how many runs it did."""
     done = 0
     base = out / "base"
     if not is_finished(base / "version_0", 0):
@@ -95,13 +105,13 @@ def run_study(seeds: list[int], steps: int, val_every: int, out: Path, extra: li
         run_cli("validate", ["--seed_everything", str(seeds[0]), *extra], base)
         done += 1
     for seed in seeds:
-        for algorithm in ALGORITHMS:
-            root = out / algorithm / f"seed{seed}"
+        for variant, options in variants.items():
+            root = out / variant / f"seed{seed}"
             if is_finished(root / "version_0", steps):
                 continue
             shutil.rmtree(root, ignore_errors=True)
-            print(f"training {algorithm}, seed {seed}, {steps} steps", flush=True)
-            args = ["--seed_everything", str(seed), "--data.seed", str(seed), "--algorithm", algorithm,
+            print(f"training {variant}, seed {seed}, {steps} steps", flush=True)
+            args = ["--seed_everything", str(seed), "--data.seed", str(seed), *options,
                     "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(val_every),
                     *extra]  # fmt: skip
             run_cli("fit", args, root)
@@ -167,10 +177,10 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
-    """Per algorithm over seeds: the last validation's held-out metrics, the change from the starting model, the
-    training-time correction rates and time per step; and CIPO minus GRPO per seed (the same seed shares the
-    starting validation and the prompt order)."""
+def summarize(runs: dict[str, dict[int, dict[str, Any]]], comparisons: list[tuple[str, str]]) -> dict[str, Any]:
+    """Per variant over seeds: the last validation's held-out metrics, the change from the starting model, the
+    training-time correction rates and time per step; and for each compared pair (a, b), "a minus b" per seed (the
+    same seed shares the starting validation and the prompt order) and problem by problem."""
     summary: dict[str, Any] = {}
     for algorithm, by_seed in runs.items():
         last = [run["eval"][-1] for run in by_seed.values()]
@@ -180,57 +190,57 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
         for key in EVAL_KEYS:
             entry[key] = mean_sd([point[key] for point in last])
             entry[f"{key} change"] = mean_sd([b[key] - a[key] for a, b in zip(first, last, strict=True)])
-        for key in ("train/i2c_rate", "train/c2i_rate", "train/retention", "time/step"):
+        for key in ("train/i2c_rate", "train/c2i_rate", "train/retention", "train/rho", "time/step"):
             values = [row[key] for row in steps if key in row]
             if values:
                 entry[key] = mean_sd(values)
         entry["train_wall_s"] = mean_sd([run["eval"][-1]["wall_s"] for run in by_seed.values()])
         summary[algorithm] = entry
-    seeds = sorted(set(runs["grpo"]) & set(runs["cipo"]))
-    summary["cipo minus grpo"] = {
-        key: [runs["cipo"][s]["eval"][-1][key] - runs["grpo"][s]["eval"][-1][key] for s in seeds] for key in EVAL_KEYS
-    } | {"seeds": seeds}
-    # pass@1 per problem, CIPO minus GRPO, averaged over seeds (both algorithms see the same problems).
     problems = sorted(set.intersection(*(set(run["last_by_problem"]) for r in runs.values() for run in r.values())))
-    differences = [
-        statistics.fmean(runs["cipo"][s]["last_by_problem"][p] - runs["grpo"][s]["last_by_problem"][p] for s in seeds)
-        for p in problems
-    ]
-    summary["cipo minus grpo"]["pass@1 over problems"] = {
-        "mean": statistics.fmean(differences),
-        "95% bootstrap interval": paired_bootstrap(differences),
-        "problems": len(problems),
-    }
+    for a, b in comparisons:
+        seeds = sorted(set(runs[a]) & set(runs[b]))
+        entry = {key: [runs[a][s]["eval"][-1][key] - runs[b][s]["eval"][-1][key] for s in seeds] for key in EVAL_KEYS}
+        # pass@1 per problem, a minus b, averaged over seeds (both variants see the same problems).
+        differences = [
+            statistics.fmean(runs[a][s]["last_by_problem"][p] - runs[b][s]["last_by_problem"][p] for s in seeds)
+            for p in problems
+        ]
+        entry["pass@1 over problems"] = {
+            "mean": statistics.fmean(differences),
+            "95% bootstrap interval": paired_bootstrap(differences),
+            "problems": len(problems),
+        }
+        summary[f"{a} minus {b}"] = entry | {"seeds": seeds}
     return summary
 
 
-def summary_table(summary: dict[str, Any]) -> str:
+def summary_table(summary: dict[str, Any], variants: list[str], comparisons: list[tuple[str, str]]) -> str:
     rows = [("held-out pass@1", "pass@1"), ("held-out pass@4", "pass@4"),
             ("pass@1 change from step 0", "pass@1 change"), ("pass@4 change from step 0", "pass@4 change"),
             ("two-turn acc@t1", "acc@t1"), ("two-turn acc@t2", "acc@t2"),
             ("two-turn delta_i2c", "delta_i2c"), ("two-turn delta_c2i", "delta_c2i"),
             ("held-out i->c rate", "i2c_rate"), ("held-out retention", "retention"),
             ("training i->c rate (all steps)", "train/i2c_rate"), ("training c->i rate (all steps)", "train/c2i_rate"),
-            ("training retention (all steps)", "train/retention"), ("seconds per step (all steps)", "time/step"),
+            ("training retention (all steps)", "train/retention"), ("training rho (all steps)", "train/rho"),
+            ("seconds per step (all steps)", "time/step"),
             ("training wall time (s)", "train_wall_s")]  # fmt: skip
-    grpo = summary["grpo"]
-    lines = [f"Last validation (step {grpo['last_step']}), mean ± sd over seeds {grpo['seeds']}; rows marked"
+    first = summary[variants[0]]
+    lines = [f"Last validation (step {first['last_step']}), mean ± sd over seeds {first['seeds']}; rows marked"
              " (all steps): mean ± sd over every training step of every seed.", "",
-             "| metric | " + " | ".join(ALGORITHMS) + " |", "|---" * (len(ALGORITHMS) + 1) + "|"]  # fmt: skip
+             "| metric | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]  # fmt: skip
     for label, key in rows:
-        cells = [
-            f"{summary[a][key][0]:.3f} ± {summary[a][key][1]:.3f}" if key in summary[a] else "" for a in ALGORITHMS
-        ]
+        cells = [f"{summary[v][key][0]:.3f} ± {summary[v][key][1]:.3f}" if key in summary[v] else "" for v in variants]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    diff = summary["cipo minus grpo"]
-    lines += ["", "CIPO minus GRPO at the last validation, per seed " + str(diff["seeds"]) + ":", ""]
-    lines += [f"- {key}: " + ", ".join(f"{v:+.3f}" for v in diff[key]) for key in ("pass@1", "pass@4", "acc@t2")]
-    paired = diff["pass@1 over problems"]
-    low, high = paired["95% bootstrap interval"]
-    lines.append(
-        f"- pass@1 problem by problem ({paired['problems']} problems, mean over seeds): {paired['mean']:+.3f}, "
-        f"95% paired-bootstrap interval over problems [{low:+.3f}, {high:+.3f}]"
-    )
+    for a, b in comparisons:
+        diff = summary[f"{a} minus {b}"]
+        lines += ["", f"{a} minus {b} at the last validation, per seed {diff['seeds']}:", ""]
+        lines += [f"- {key}: " + ", ".join(f"{v:+.3f}" for v in diff[key]) for key in ("pass@1", "pass@4", "acc@t2")]
+        paired = diff["pass@1 over problems"]
+        low, high = paired["95% bootstrap interval"]
+        lines.append(
+            f"- pass@1 problem by problem ({paired['problems']} problems, mean over seeds): {paired['mean']:+.3f}, "
+            f"95% paired-bootstrap interval over problems [{low:+.3f}, {high:+.3f}]"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -241,7 +251,7 @@ def plot(runs: dict[str, dict[int, dict[str, Any]]], report_dir: Path) -> list[P
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    colors = {"grpo": "tab:blue", "cipo": "tab:orange"}
+    colors = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))  # grpo blue, cipo orange
 
     def draw(ax: Any, x_key: str, y_key: str, source: str = "eval", scale: float = 1.0) -> None:
         for algorithm, by_seed in runs.items():
@@ -281,16 +291,20 @@ def plot(runs: dict[str, dict[int, dict[str, Any]]], report_dir: Path) -> list[P
     axes[0][1].set_title("held-out: wrong first answers corrected (i->c)")
     draw(axes[1][0], "step", "retention")
     axes[1][0].set_title("held-out: right first answers kept (retention)")
-    cipo_rows = [row for run in runs["cipo"].values() for row in run["train"]]
-    for key in ("train/i2c_rate", "train/c2i_rate", "train/retention"):
-        by_step: dict[int, list[float]] = {}
-        for row in cipo_rows:
-            if key in row and not math.isnan(row[key]):  # NaN: no anchors of that kind in the step
-                by_step.setdefault(row["step"], []).append(row[key])
-        steps = sorted(by_step)
-        axes[1][1].plot(steps, [statistics.fmean(by_step[step]) for step in steps], marker="o", markersize=3,
-                        label=key.removeprefix("train/"))  # fmt: skip
-    axes[1][1].set_title("CIPO training corrections (mean over seeds)")
+    styles = {"train/i2c_rate": "-", "train/c2i_rate": "--", "train/retention": ":"}
+    for variant, by_seed in runs.items():
+        rows = [row for run in by_seed.values() for row in run["train"]]
+        for key, style in styles.items():
+            by_step: dict[int, list[float]] = {}
+            for row in rows:
+                if key in row and not math.isnan(row[key]):  # NaN: no anchors of that kind in the step
+                    by_step.setdefault(row["step"], []).append(row[key])
+            steps = sorted(by_step)  # none for a variant without a correction stream
+            if steps:
+                axes[1][1].plot(steps, [statistics.fmean(by_step[step]) for step in steps], marker="o", markersize=3,
+                                color=colors[variant], linestyle=style,
+                                label=f"{variant} {key.removeprefix('train/')}")  # fmt: skip
+    axes[1][1].set_title("training corrections (mean over seeds)")
     axes[1][1].legend()
     axes[1][1].grid(alpha=0.3)
     for ax in axes.flat:
@@ -303,18 +317,28 @@ def plot(runs: dict[str, dict[int, dict[str, Any]]], report_dir: Path) -> list[P
     return paths
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=8, help="training steps per run")
-    parser.add_argument("--val-every", type=int, default=4, help="validation interval in steps (divides --steps)")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "study", help="run folders")
-    parser.add_argument("--report-dir", type=Path, default=REPO / "docs" / "study", help="JSON, table and plots")
+def main(
+    description: str = __doc__,
+    variants: dict[str, list[str]] = VARIANTS,
+    comparisons: list[tuple[str, str]] = COMPARISONS,
+    name: str = "study",
+    seeds: tuple[int, ...] = (0, 1, 2),
+    steps: int = 8,
+    val_every: int = 4,
+) -> None:
+    """The command: runs what is missing of every variant on every seed, then writes the report (`name` names the
+    default run and report folders, runs/<name> and docs/<name>)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    parser.add_argument("--steps", type=int, default=steps, help="training steps per run")
+    parser.add_argument("--val-every", type=int, default=val_every, help="validation interval (divides --steps)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / name, help="run folders")
+    parser.add_argument("--report-dir", type=Path, default=REPO / "docs" / name, help="JSON, table and plots")
     parser.add_argument("--fresh", action="store_true", help="delete --out first and rerun everything")
     args, extra = parser.parse_known_args()
     if args.steps % args.val_every:
         parser.error(f"--val-every {args.val_every} must divide --steps {args.steps} (the last step is validated)")
-    settings = {"steps": args.steps, "val_every": args.val_every, "cli_options": extra}
+    settings = {"steps": args.steps, "val_every": args.val_every, "cli_options": extra, "variants": variants}
     settings_path = args.out / "settings.json"
     if not args.fresh and settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         parser.error(f"{args.out} holds runs of other settings ({settings_path}): pass --fresh or another --out")
@@ -324,24 +348,25 @@ def main() -> None:
     # Written before any run, so that an interrupted study resumed with other settings is refused too.
     args.out.mkdir(parents=True, exist_ok=True)
     settings_path.write_text(json.dumps(settings) + "\n")
-    done = run_study(args.seeds, args.steps, args.val_every, args.out, extra)
+    done = run_study(args.seeds, args.steps, args.val_every, args.out, extra, variants)
     base = args.out / "base" / "version_0"
     runs = {
-        algorithm: {seed: collect_run(base, args.out / algorithm / f"seed{seed}" / "version_0") for seed in args.seeds}
-        for algorithm in ALGORITHMS
+        variant: {seed: collect_run(base, args.out / variant / f"seed{seed}" / "version_0") for seed in args.seeds}
+        for variant in variants
     }
-    summary = summarize(runs)
+    summary = summarize(runs, comparisons)
     args.report_dir.mkdir(parents=True, exist_ok=True)
-    table = summary_table(summary)
+    table = summary_table(summary, list(variants), comparisons)
     (args.report_dir / "summary.md").write_text(table)
     paths = plot(runs, args.report_dir)
-    names = ["base"] + [f"{algorithm}/seed{seed}" for seed in args.seeds for algorithm in ALGORITHMS]
+    names = ["base"] + [f"{variant}/seed{seed}" for seed in args.seeds for variant in variants]
     seconds = {name: float((args.out / name / "seconds.txt").read_text()) for name in names}
-    study = {"settings": settings | {"seeds": args.seeds}, "run_seconds": seconds, "runs": runs, "summary": summary}
-    (args.report_dir / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+    report = {"settings": settings | {"seeds": args.seeds}, "variants": variants, "run_seconds": seconds, "runs": runs,
+              "summary": summary}  # fmt: skip
+    (args.report_dir / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     print(table)
     print(
-        f"runs in {args.out}; report in {args.report_dir}: study.json, summary.md, {', '.join(p.name for p in paths)}"
+        f"runs in {args.out}; report in {args.report_dir}: {name}.json, summary.md, {', '.join(p.name for p in paths)}"
     )
     print(f"this call took {(time.perf_counter() - start) / 60:.1f} min ({done} runs done now); the runs took "
           f"{sum(seconds.values()) / 60:.1f} min in all")  # fmt: skip

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cipo_lightning.runs import read_eval_reports, read_metrics
 
@@ -96,3 +97,38 @@ def test_study_runs_both_algorithms_over_seeds_and_writes_the_report(tiny_model,
     assert again.returncode == 0 and "0 runs done now" in again.stdout
     other = subprocess.run([*command, "--steps", "3"], cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert other.returncode != 0 and "--fresh" in other.stderr
+
+
+@pytest.mark.slow
+def test_ablation_runs_every_variant_with_its_settings_on_the_same_prompts(tiny_model, tmp_path):
+    out, report = tmp_path / "runs", tmp_path / "report"
+    # ParityReward: about half the answers count as right, so there are correct anchors to replay (or not).
+    command = [sys.executable, "experiments/ablation.py", "--seeds", "0", "--steps", "2", "--val-every", "2",
+               "--out", str(out), "--report-dir", str(report), "--model.model", tiny_model,
+               "--data.eval_max_problems", "2", "--rollout.engine", "cipo_lightning.rollout.HFEngine",
+               "--data.task.init_args.reward", "tests.helpers.ParityReward"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "7 runs done now" in result.stdout  # the starting model, then 6 variants
+
+    ablation = json.loads((report / "ablations.json").read_text())
+    variants = ["grpo", "cipo", "rho_fixed", "no_shaping", "no_band", "failed_only"]
+    assert list(ablation["runs"]) == variants
+    train = {variant: ablation["runs"][variant]["0"]["train"] for variant in variants}
+    configs = {
+        variant: yaml.safe_load((out / variant / "seed0" / "version_0" / "config.yaml").read_text())
+        for variant in variants
+    }
+    assert configs["grpo"]["algorithm"] == "grpo" and "train/retention" not in train["grpo"][0]
+    assert configs["no_shaping"]["shaping"]["lambda_risk"] == 0 and configs["cipo"]["shaping"]["lambda_risk"] == 1
+    assert all(row["train/correction_advantage_shift_mean"] == 0 for row in train["no_shaping"])
+    assert configs["rho_fixed"]["replay"]["w1"] == configs["rho_fixed"]["replay"]["w2"] == 0
+    assert {row["train/rho"] for row in train["rho_fixed"]} == {0.3}
+    assert all(row["train/anchors_correct"] == 0 and row["train/rho"] == 0 for row in train["failed_only"])
+    assert configs["no_band"]["rollout"]["anchor_band"] == [0, 1] != configs["cipo"]["rollout"]["anchor_band"]
+    # A seed's variants see the same prompts: their first step samples the same attempts.
+    assert len({train[variant][0]["train/reward_mean"] for variant in variants}) == 1
+    summary = (report / "summary.md").read_text()
+    assert "| metric | grpo | cipo | rho_fixed | no_shaping | no_band | failed_only |" in summary
+    assert "rho_fixed minus cipo" in summary and "cipo minus grpo" in summary

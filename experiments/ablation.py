@@ -1,0 +1,38 @@
+"""CIPO's ablations on the quickstart task: what each mechanism buys, seed by seed on the same prompts.
+
+    python experiments/ablation.py      # 6 variants x 2 seeds, 8 steps each
+
+Each variant is the study's run (configs/quickstart.yaml + experiments/study.yaml, see experiments/study.py) with
+the options below, so any one can be run by hand with `python -m cipo_lightning fit --config configs/quickstart.yaml
+--config experiments/study.yaml <options>`:
+
+    grpo         --algorithm grpo                                  no correction stream
+    cipo         --algorithm cipo                                  everything on (docs/cipo.md)
+    rho_fixed    cipo, --replay.w1 0 --replay.w2 0                 no adaptive replay: rho stays at replay.rho
+    no_shaping   cipo, --shaping.lambda_risk 0                     no risk-averse penalty on c->i corrections
+    no_band      cipo, --rollout.anchor_band [0,1]                 anchors from any prompt, not intermediate ones first
+    failed_only  cipo, rho fixed at 0                              failed anchors only, no correct ones replayed
+
+Every variant is validated on the same held-out problems (pass@1, pass@k up to eval.n, two-turn acc@t1 / acc@t2,
+i->c, c->i) and logs the training-time CIPO metrics; the report compares each variant with grpo and with full cipo
+(per-seed differences and a paired bootstrap over problems). Runs land in runs/ablations, the report in
+docs/ablations (ablations.json, summary.md, plots); finished runs are reused. Options as in experiments/study.py.
+"""
+
+from __future__ import annotations
+
+import study
+
+CIPO = ["--algorithm", "cipo"]
+VARIANTS = {
+    "grpo": ["--algorithm", "grpo"],
+    "cipo": CIPO,
+    "rho_fixed": [*CIPO, "--replay.w1", "0", "--replay.w2", "0"],
+    "no_shaping": [*CIPO, "--shaping.lambda_risk", "0"],
+    "no_band": [*CIPO, "--rollout.anchor_band", "[0, 1]"],
+    "failed_only": [*CIPO, "--replay.rho", "0", "--replay.rho_min", "0", "--replay.w1", "0", "--replay.w2", "0"],
+}
+COMPARISONS = [("cipo", "grpo")] + [(variant, "cipo") for variant in VARIANTS if variant not in ("grpo", "cipo")]
+
+if __name__ == "__main__":
+    study.main(__doc__, VARIANTS, COMPARISONS, name="ablations", seeds=(0, 1))
