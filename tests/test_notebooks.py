@@ -1,45 +1,48 @@
 """The notebooks run headless from top to bottom: quickstart.ipynb trains and validates a tiny model, then
-analysis.ipynb reads that run."""
+analysis.ipynb reads that run. The committed files carry the outputs of a real run (scripts/notebooks.py render);
+running them here must not touch those."""
 
 from __future__ import annotations
 
-import os
+import hashlib
+import importlib.util
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("notebooks_script", REPO / "scripts" / "notebooks.py")
+notebooks_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(notebooks_script)
 
-
-def _run(name: str) -> nbformat.NotebookNode:
-    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
-    ).execute()
-    return notebook
+NAMES = ("quickstart", "analysis")
 
 
-def _outputs(notebook: nbformat.NotebookNode) -> str:
-    return "\n".join(
-        str(output.get("text", "")) + str(output.get("data", {}).get("text/plain", ""))
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for output in cell.outputs
-    )
+def _digests() -> dict[str, str]:
+    return {name: hashlib.sha256((REPO / "notebooks" / f"{name}.ipynb").read_bytes()).hexdigest() for name in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebooks_show_a_dated_real_run(name):
+    notebook = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+    stamps = [cell for cell in notebook.cells if notebooks_script.RENDERED_TAG in cell.metadata.get("tags", [])]
+    assert len(stamps) == 1 and "SmolLM2-135M-Instruct" in stamps[0].source
+    assert "scripts/notebooks.py render" in stamps[0].source
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code and all(cell.outputs for cell in code), name
+    assert not any(output.output_type == "error" for cell in code for output in cell.outputs)
 
 
 @pytest.mark.slow
-def test_quickstart_then_analysis_notebooks_run(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setenv("CIPO_NOTEBOOK_MODEL", tiny_model)
-    monkeypatch.setenv("CIPO_NOTEBOOK_STEPS", "2")
-    monkeypatch.setenv("CIPO_NOTEBOOK_ROOT", str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(NOTEBOOKS.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    quickstart = _outputs(_run("quickstart.ipynb"))
+def test_quickstart_then_analysis_notebooks_run(tiny_model, tmp_path):
+    before = _digests()
+    env = {"CIPO_NOTEBOOK_MODEL": tiny_model, "CIPO_NOTEBOOK_STEPS": "2", "CIPO_NOTEBOOK_ROOT": str(tmp_path)}
+    quickstart = notebooks_script.text_outputs(notebooks_script.execute("quickstart", env))
     # The random tiny model answers nothing right: every anchor is a failed one.
     assert "anchor_reward" in quickstart and "failed anchor" in quickstart and "val/pass@1" in quickstart
     run = tmp_path / "version_0"
     assert (run / "correction_samples.jsonl").is_file() and list((run / "eval").glob("val_step2.json"))
-    analysis = _outputs(_run("analysis.ipynb"))
+    analysis = notebooks_script.text_outputs(notebooks_script.execute("analysis", env))
     assert "2 training steps" in analysis and "basic_arithmetic" in analysis
+    assert _digests() == before
