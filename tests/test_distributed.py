@@ -90,6 +90,8 @@ def test_gradient_is_the_same_whole_in_micro_batches_and_across_ranks(tiny_model
     assert set(distributed_metrics) == set(single)
     assert single["train/clip_frac"] > 0 and single["train/correction_kl"] > 0
     for key, value in single.items():
+        if key == "train/padding_frac":  # a property of the layout: each rank pads only its own rows
+            continue
         assert distributed_metrics[key] == pytest.approx(value, abs=1e-5), key
 
 
