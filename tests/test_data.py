@@ -43,6 +43,20 @@ def test_reasoning_gym_held_out_problems_are_drawn_like_the_training_stream():
     assert abs(two_digit_share(val) - two_digit_share(train)) <= 0.10, (two_digit_share(val), two_digit_share(train))
 
 
+def test_val_problem_frac_sets_the_share_of_problems_held_out():
+    """A larger val_problem_frac holds a larger share of the distinct problems out of training."""
+    kwargs = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"]}
+    distinct = {}
+    for frac in (0.2, 0.5):
+        train, val = ReasoningGymTask(
+            dataset_kwargs=kwargs, train_size=2000, val_size=400, val_problem_frac=frac
+        ).load()
+        held_out, trained = {row["question"] for row in val}, {row["question"] for row in train}
+        assert not held_out & trained
+        distinct[frac] = len(held_out) / len(held_out | trained)
+    assert distinct[0.5] > 1.5 * distinct[0.2] > 0, distinct  # measured: 0.32 vs 0.18
+
+
 def test_dataset_task_from_a_local_file_passes_columns_to_the_verifier(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("\n".join(json.dumps({"question": f"p{i}", "answer": str(i)}) for i in range(3)))
