@@ -8,7 +8,7 @@ Each run is the quickstart (configs/quickstart.yaml) with experiments/study.yaml
 problems, no checkpoints) and `--algorithm grpo|cipo`; seed S sets both seed_everything and the prompt order
 (data.seed), so the two algorithms of a seed see the same prompts. Validation runs every --val-every steps; step 0
 of every curve is the starting model, validated once (`validate` with the same config). Any other option is passed
-to every CLI run, e.g. a quick look: `--seeds 0 --steps 1 --val-every 1 --data.eval_max_problems 4`.
+to every CLI run, e.g. a quick look: `--seeds 0 --steps 1 --val-every 1 --eval-problems 4`.
 
 Runs land in --out (default runs/study):
 
@@ -169,6 +169,25 @@ def paired_bootstrap(differences: list[float], resamples: int = 10_000, seed: in
     return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1), for the interval over seeds; beyond the
+# table the normal 1.96 is within 3%.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+TARGET_HALF_WIDTH = 0.05  # issue 18: the pass@1 difference's 95% interval should be at most +-0.05
+
+
+def seed_interval(differences: list[float]) -> dict[str, Any]:
+    """The 95% t-interval of the mean per-seed difference: unlike the bootstrap over problems it counts the training
+    run's own randomness (seed to seed), which more held-out problems cannot remove. The seeds it would take for a
+    half-width of TARGET_HALF_WIDTH follow from the observed standard deviation (normal approximation)."""
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return {"mean": mean, "sd": math.nan, "95% t interval": (math.nan, math.nan), "half-width": math.nan}
+    sd = statistics.stdev(differences)
+    half = T_975.get(len(differences) - 1, 1.96) * sd / math.sqrt(len(differences))
+    return {"mean": mean, "sd": sd, "95% t interval": (mean - half, mean + half), "half-width": half,
+            "seeds for the target": math.ceil((1.96 * sd / TARGET_HALF_WIDTH) ** 2)}  # fmt: skip
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and standard deviation of the values that are not NaN (a rate with nothing to count); NaN if none."""
     values = [value for value in values if not math.isnan(value)]
@@ -205,11 +224,16 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]], comparisons: list[tupl
             statistics.fmean(runs[a][s]["last_by_problem"][p] - runs[b][s]["last_by_problem"][p] for s in seeds)
             for p in problems
         ]
+        low, high = paired_bootstrap(differences)
+        # The interval narrows as 1/sqrt(problems): the held-out problems that would bring it to the target.
         entry["pass@1 over problems"] = {
             "mean": statistics.fmean(differences),
-            "95% bootstrap interval": paired_bootstrap(differences),
+            "95% bootstrap interval": (low, high),
+            "half-width": (high - low) / 2,
             "problems": len(problems),
+            "problems for the target": math.ceil(len(problems) * ((high - low) / 2 / TARGET_HALF_WIDTH) ** 2),
         }
+        entry["pass@1 over seeds"] = seed_interval(entry["pass@1"])
         summary[f"{a} minus {b}"] = entry | {"seeds": seeds}
     return summary
 
@@ -235,12 +259,21 @@ def summary_table(summary: dict[str, Any], variants: list[str], comparisons: lis
         diff = summary[f"{a} minus {b}"]
         lines += ["", f"{a} minus {b} at the last validation, per seed {diff['seeds']}:", ""]
         lines += [f"- {key}: " + ", ".join(f"{v:+.3f}" for v in diff[key]) for key in ("pass@1", "pass@4", "acc@t2")]
-        paired = diff["pass@1 over problems"]
+        paired, by_seed = diff["pass@1 over problems"], diff["pass@1 over seeds"]
         low, high = paired["95% bootstrap interval"]
         lines.append(
             f"- pass@1 problem by problem ({paired['problems']} problems, mean over seeds): {paired['mean']:+.3f}, "
-            f"95% paired-bootstrap interval over problems [{low:+.3f}, {high:+.3f}]"
+            f"95% paired-bootstrap interval over problems [{low:+.3f}, {high:+.3f}] "
+            f"(half-width {paired['half-width']:.3f}; ±{TARGET_HALF_WIDTH} would take "
+            f"~{paired['problems for the target']} problems)"
         )
+        if not math.isnan(by_seed["half-width"]):
+            low, high = by_seed["95% t interval"]
+            lines.append(
+                f"- pass@1 seed by seed ({len(diff['seeds'])} seeds): {by_seed['mean']:+.3f} ± {by_seed['sd']:.3f} sd,"
+                f" 95% t-interval [{low:+.3f}, {high:+.3f}] (half-width {by_seed['half-width']:.3f}; "
+                f"±{TARGET_HALF_WIDTH} would take ~{by_seed['seeds for the target']} seeds at this spread)"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -324,7 +357,8 @@ def main(
     name: str = "study",
     seeds: tuple[int, ...] = (0, 1, 2),
     steps: int = 8,
-    val_every: int = 4,
+    val_every: int = 8,
+    eval_problems: int = 192,
 ) -> None:
     """The command: runs what is missing of every variant on every seed, then writes the report (`name` names the
     default run and report folders, runs/<name> and docs/<name>)."""
@@ -332,13 +366,16 @@ def main(
     parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
     parser.add_argument("--steps", type=int, default=steps, help="training steps per run")
     parser.add_argument("--val-every", type=int, default=val_every, help="validation interval (divides --steps)")
+    parser.add_argument("--eval-problems", type=int, default=eval_problems, help="held-out problems per validation")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / name, help="run folders")
     parser.add_argument("--report-dir", type=Path, default=REPO / "docs" / name, help="JSON, table and plots")
     parser.add_argument("--fresh", action="store_true", help="delete --out first and rerun everything")
     args, extra = parser.parse_known_args()
     if args.steps % args.val_every:
         parser.error(f"--val-every {args.val_every} must divide --steps {args.steps} (the last step is validated)")
-    settings = {"steps": args.steps, "val_every": args.val_every, "cli_options": extra, "variants": variants}
+    settings = {"steps": args.steps, "val_every": args.val_every, "eval_problems": args.eval_problems,
+                "cli_options": extra, "variants": variants}  # fmt: skip
+    extra = ["--data.eval_max_problems", str(args.eval_problems), *extra]
     settings_path = args.out / "settings.json"
     if not args.fresh and settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         parser.error(f"{args.out} holds runs of other settings ({settings_path}): pass --fresh or another --out")

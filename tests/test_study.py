@@ -39,6 +39,16 @@ def test_mean_sd_skips_nan_and_paired_bootstrap_brackets_the_mean():
     assert 0.2 < low < 0.5 < high < 0.8  # mean 0.5, standard error 0.5 / sqrt(32) = 0.088
 
 
+def test_seed_interval_by_hand():
+    # Per-seed differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1; t(0.975, 2 df) = 4.303, so +-4.303 * 0.1 / sqrt(3).
+    interval = study.seed_interval([0.1, 0.2, 0.3])
+    assert interval["mean"] == pytest.approx(0.2) and interval["sd"] == pytest.approx(0.1)
+    assert interval["half-width"] == pytest.approx(0.24844, abs=1e-5)
+    assert interval["95% t interval"] == pytest.approx((0.2 - 0.24844, 0.2 + 0.24844), abs=1e-5)
+    assert interval["seeds for the target"] == 16  # (1.96 * 0.1 / 0.05)^2 = 15.4
+    assert math.isnan(study.seed_interval([0.4])["half-width"])  # one seed: no spread to measure
+
+
 def test_read_metrics_merges_the_rows_of_a_step(tmp_path):
     # CSVLogger's layout: one row per log call, empty cells for metrics another row holds.
     (tmp_path / "metrics.csv").write_text(
@@ -65,7 +75,7 @@ def test_study_runs_both_algorithms_over_seeds_and_writes_the_report(tiny_model,
     # The transformers engine: the same study path, and each of the 5 runs starts in seconds instead of vLLM's ~30.
     command = [sys.executable, "experiments/study.py", "--seeds", "0", "1", "--steps", "2", "--val-every", "1",
                "--out", str(out), "--report-dir", str(report), "--model.model", tiny_model,
-               "--data.eval_max_problems", "2", "--rollout.engine", "cipo_lightning.rollout.HFEngine"]  # fmt: skip
+               "--eval-problems", "2", "--rollout.engine", "cipo_lightning.rollout.HFEngine"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -105,7 +115,7 @@ def test_ablation_runs_every_variant_with_its_settings_on_the_same_prompts(tiny_
     # ParityReward: about half the answers count as right, so there are correct anchors to replay (or not).
     command = [sys.executable, "experiments/ablation.py", "--seeds", "0", "--steps", "2", "--val-every", "2",
                "--out", str(out), "--report-dir", str(report), "--model.model", tiny_model,
-               "--data.eval_max_problems", "2", "--rollout.engine", "cipo_lightning.rollout.HFEngine",
+               "--eval-problems", "2", "--rollout.engine", "cipo_lightning.rollout.HFEngine",
                "--data.task.init_args.reward", "tests.helpers.ParityReward"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
