@@ -53,6 +53,7 @@ class LossTargets(NamedTuple):
     stream_coefs: Tensor  # [rows], 1 for base rows, lambda_corr for correction rows
     stream_tokens: Tensor  # [streams], trained tokens of each stream on all ranks
     world_size: int
+    micro_batch_bounds: list[tuple[int, int]]  # this rank's micro-batches as row ranges (see micro_batch_bounds)
     micro_batches: int  # forward/backward passes per update, the most any rank needs (see padded_micro_batches)
 
 
@@ -262,7 +263,7 @@ class CIPOModule(L.LightningModule):
         batch = batch.to(self.device)
         if self.hparams.micro_batch_tokens is not None:
             # Rows of like length share a pass (the loss does not depend on row order: groups are labelled).
-            batch = batch.take(torch.argsort(batch.attention_mask.sum(-1), descending=True, stable=True))
+            batch = batch.sorted_by_length()
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         start = time.perf_counter()
@@ -275,7 +276,7 @@ class CIPOModule(L.LightningModule):
             return
         # Several updates per batch need the behaviour policy's log-probs fixed before the first one moves it.
         several_updates = self.hparams.updates_per_batch > 1
-        old_logprobs = self.completion_logprobs(batch, targets.micro_batches) if several_updates else None
+        old_logprobs = self.completion_logprobs(batch, targets) if several_updates else None
         trained_tokens = 0.0
         for _ in range(self.hparams.updates_per_batch):
             optimizer.zero_grad(set_to_none=True)
@@ -326,12 +327,12 @@ class CIPOModule(L.LightningModule):
         self.validation_step(rows, batch_idx, dataloader_idx)
 
     @torch.no_grad()
-    def completion_logprobs(self, batch: RolloutBatch, micro_batches: int | None = None) -> Tensor:
-        """The policy's log-probs of every completion token of the batch, [rows, completion_width], in
-        `micro_batches` passes (default: as many as this rank's rows need)."""
+    def completion_logprobs(self, batch: RolloutBatch, targets: LossTargets | None = None) -> Tensor:
+        """The policy's log-probs of every completion token of the batch, [rows, completion_width], in the
+        micro-batches of `targets` (default: as many as this rank's rows need)."""
         out = torch.zeros_like(batch.engine_logprobs)
-        bounds = self.micro_batch_bounds(batch)
-        for start, stop, padding in padded_micro_batches(bounds, micro_batches or len(bounds)):
+        bounds = targets.micro_batch_bounds if targets else self.micro_batch_bounds(batch)
+        for start, stop, padding in padded_micro_batches(bounds, targets.micro_batches if targets else len(bounds)):
             logprobs, _ = self.token_logprobs(self.policy, batch.rows(start, stop))
             if not padding:
                 out[start:stop, : logprobs.shape[1]] = logprobs
@@ -361,7 +362,8 @@ class CIPOModule(L.LightningModule):
         local = torch.stack([torch.stack([v.double() for v in stream]) for stream in sums]).cpu()
         totals, world_size = sum_over_ranks(local)
         stream_tokens = totals[:, 1]
-        micro_batches = max_over_ranks(len(self.micro_batch_bounds(batch)))
+        bounds = self.micro_batch_bounds(batch)
+        micro_batches = max_over_ranks(len(bounds))
         advantages, weights = torch.zeros_like(rewards), torch.zeros_like(mask)
         for rows, (global_rows, global_tokens, reward_sum, reward_sq_sum) in zip(in_stream, totals, strict=True):
             if not rows.any():
@@ -377,7 +379,7 @@ class CIPOModule(L.LightningModule):
                 mask[rows], hp.loss_aggregation, int(global_rows), int(global_tokens), batch.max_completion_len
             )
         stream_coefs = torch.tensor([1.0, hp.lambda_corr], device=rewards.device)[batch.streams]
-        return LossTargets(advantages, mask, weights, stream_coefs, stream_tokens, world_size, micro_batches)
+        return LossTargets(advantages, mask, weights, stream_coefs, stream_tokens, world_size, bounds, micro_batches)
 
     def accumulate_policy_gradient(
         self,
@@ -395,11 +397,11 @@ class CIPOModule(L.LightningModule):
         """
         hp = self.hparams
         targets = targets or self.loss_targets(batch)
-        advantages, full_mask, weights, stream_coefs, stream_tokens, world_size, micro_batches = targets
+        advantages, full_mask, weights, stream_coefs, stream_tokens, world_size, bounds, micro_batches = targets
         sums = {key: torch.zeros(len(STREAM_NAMES), dtype=torch.float64) for key in _STREAM_SUMS}
         maxima = {"logp_mismatch_max": 0.0, "is_weight_max": 0.0}
         positions = {"processed": 0, "real": 0}  # input positions through the policy's forward/backward
-        for start, stop, padding in padded_micro_batches(self.micro_batch_bounds(batch), micro_batches):
+        for start, stop, padding in padded_micro_batches(bounds, micro_batches):
             micro = batch.rows(start, stop)
             real = int(micro.attention_mask.sum())
             positions["processed"] += real if self.packing else micro.attention_mask.numel()
@@ -500,10 +502,8 @@ class CIPOModule(L.LightningModule):
         budget = self.hparams.micro_batch_tokens
         if budget is None:
             return row_count_bounds(len(batch), self.hparams.micro_batch_size)
-        real = batch.attention_mask.bool()
-        prompt_lengths = real[:, : batch.prompt_width].sum(-1).tolist()
-        completion_lengths = real[:, batch.prompt_width :].sum(-1).tolist()
-        return token_budget_bounds(prompt_lengths, completion_lengths, budget, self.packing)
+        prompt_lengths, completion_lengths = batch.real_lengths()
+        return token_budget_bounds(prompt_lengths.tolist(), completion_lengths.tolist(), budget, self.packing)
 
     def token_logprobs(
         self, model: torch.nn.Module, batch: RolloutBatch, entropy_grad: bool = False

@@ -93,6 +93,8 @@ def test_masking_truncated_completions(module):
 def test_several_updates_per_batch_use_the_behaviour_policy(module):
     batch = _fixed_batch(temperature=0.7)
     old = module.completion_logprobs(batch)
+    # training_step passes the batch's loss targets: the same passes, the same log-probs.
+    assert torch.equal(module.completion_logprobs(batch, module.loss_targets(batch)), old)
     # Before any update the behaviour policy is the current one: the hand value holds.
     first = module.accumulate_policy_gradient(batch, lambda loss: loss.backward(), old)
     assert first["train/loss"] == pytest.approx(0.25, abs=1e-5)

@@ -69,7 +69,7 @@ def test_token_budget_micro_batches_keep_the_whole_batch_gradient(modules, packi
     module.hparams.update(loss_aggregation="seq_mean_token_mean", micro_batch_size=16, micro_batch_tokens=None)
     batch = two_stream_batch()
     grads, metrics = [], []
-    for budget, rows in ((None, batch), (24, batch.take(torch.argsort(batch.attention_mask.sum(-1), descending=True)))):
+    for budget, rows in ((None, batch), (24, batch.sorted_by_length())):
         module.hparams.micro_batch_tokens = budget
         module.policy.zero_grad(set_to_none=True)
         metrics.append(module.accumulate_policy_gradient(rows, backward=lambda loss: loss.backward()))

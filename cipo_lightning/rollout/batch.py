@@ -87,13 +87,21 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def real_lengths(self) -> tuple[Tensor, Tensor]:
+        """Each row's prompt and completion length in real (unpadded) tokens, [rows] each."""
+        real = self.attention_mask.bool()
+        return real[:, : self.prompt_width].sum(-1), real[:, self.prompt_width :].sum(-1)
+
+    def sorted_by_length(self) -> RolloutBatch:
+        """The rows longest first (ties in their order), so that rows of like length can share a micro-batch."""
+        return self.take(torch.argsort(self.attention_mask.sum(-1), descending=True, stable=True))
+
     def packed(self) -> PackedRows:
         """The rows packed into one sequence without padding (the attention mask selects each row's tokens in
         order, so flattening it concatenates the rows)."""
         real = self.attention_mask.bool()
-        lengths = real.sum(-1)
-        prompt_lengths = real[:, : self.prompt_width].sum(-1)
-        completion_lengths = real[:, self.prompt_width :].sum(-1)
+        prompt_lengths, completion_lengths = self.real_lengths()
+        lengths = prompt_lengths + completion_lengths
         device = self.input_ids.device
         starts = torch.cumsum(lengths, 0) - lengths
         position_ids = torch.arange(int(lengths.sum()), device=device) - starts.repeat_interleave(lengths)
