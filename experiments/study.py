@@ -253,7 +253,10 @@ def summary_table(summary: dict[str, Any], variants: list[str], comparisons: lis
              " (all steps): mean ± sd over every training step of every seed.", "",
              "| metric | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]  # fmt: skip
     for label, key in rows:
-        cells = [f"{summary[v][key][0]:.3f} ± {summary[v][key][1]:.3f}" if key in summary[v] else "" for v in variants]
+        # With one seed a last-validation value has no spread to show; the (all steps) rows still do.
+        spread = len(first["seeds"]) > 1 or label.endswith("(all steps)")
+        values = [summary[v].get(key) for v in variants]
+        cells = ["" if v is None else f"{v[0]:.3f}" + (f" ± {v[1]:.3f}" if spread else "") for v in values]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for a, b in comparisons:
         diff = summary[f"{a} minus {b}"]
@@ -312,7 +315,7 @@ def plot(runs: dict[str, dict[int, dict[str, Any]]], report_dir: Path) -> list[P
         draw(axes[row][1], "wall_s", key, scale=1 / 60)
         axes[row][1].set_xlabel("training wall time (min)")
     axes[0][0].legend()
-    fig.suptitle(f"Held-out pass@k, {len(seeds)} seeds (thin: each seed, thick: mean)")
+    fig.suptitle(f"Held-out pass@k, seeds {', '.join(map(str, seeds))} (thin: each seed, thick: mean)")
     fig.tight_layout()
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
