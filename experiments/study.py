@@ -35,6 +35,7 @@ compare; experiments/ablation.py runs CIPO's ablations with it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -170,22 +171,29 @@ def paired_bootstrap(differences: list[float], resamples: int = 10_000, seed: in
 
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1), for the interval over seeds; beyond the
-# table the normal 1.96 is within 3%.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# table the normal 1.96 is within 4%.
+T_975 = dict(enumerate((12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+                        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+                        2.052, 2.048, 2.045, 2.042), start=1))  # fmt: skip
 TARGET_HALF_WIDTH = 0.05  # issue 18: the pass@1 difference's 95% interval should be at most +-0.05
 
 
 def seed_interval(differences: list[float]) -> dict[str, Any]:
     """The 95% t-interval of the mean per-seed difference: unlike the bootstrap over problems it counts the training
-    run's own randomness (seed to seed), which more held-out problems cannot remove. The seeds it would take for a
-    half-width of TARGET_HALF_WIDTH follow from the observed standard deviation (normal approximation)."""
+    run's own randomness (seed to seed), which more held-out problems cannot remove; and the fewest seeds whose
+    interval would have a half-width of at most TARGET_HALF_WIDTH if their spread were the one observed."""
     mean = statistics.fmean(differences)
     if len(differences) < 2:
         return {"mean": mean, "sd": math.nan, "95% t interval": (math.nan, math.nan), "half-width": math.nan}
     sd = statistics.stdev(differences)
-    half = T_975.get(len(differences) - 1, 1.96) * sd / math.sqrt(len(differences))
+
+    def half_width(seeds: int) -> float:
+        return T_975.get(seeds - 1, 1.96) * sd / math.sqrt(seeds)
+
+    half = half_width(len(differences))
+    needed = next(seeds for seeds in itertools.count(2) if half_width(seeds) <= TARGET_HALF_WIDTH)
     return {"mean": mean, "sd": sd, "95% t interval": (mean - half, mean + half), "half-width": half,
-            "seeds for the target": math.ceil((1.96 * sd / TARGET_HALF_WIDTH) ** 2)}  # fmt: skip
+            "seeds for the target": needed}  # fmt: skip
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:

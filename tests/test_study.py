@@ -45,7 +45,8 @@ def test_seed_interval_by_hand():
     assert interval["mean"] == pytest.approx(0.2) and interval["sd"] == pytest.approx(0.1)
     assert interval["half-width"] == pytest.approx(0.24844, abs=1e-5)
     assert interval["95% t interval"] == pytest.approx((0.2 - 0.24844, 0.2 + 0.24844), abs=1e-5)
-    assert interval["seeds for the target"] == 16  # (1.96 * 0.1 / 0.05)^2 = 15.4
+    # The fewest seeds with t(0.975, S - 1) * 0.1 / sqrt(S) <= 0.05: 18 (2.110 / sqrt(18) = 0.497; 17 gives 0.514).
+    assert interval["seeds for the target"] == 18
     assert math.isnan(study.seed_interval([0.4])["half-width"])  # one seed: no spread to measure
 
 
