@@ -94,6 +94,11 @@ def test_study_runs_both_algorithms_over_seeds_and_writes_the_report(tiny_model,
             assert [row["step"] for row in run["train"]] == [0, 1]
             # Only CIPO has a correction stream at training time.
             assert ("train/retention" in run["train"][0]) == (algorithm == "cipo")
+    # --eval-problems 2: each validation scores 2 held-out items x eval.n (4) samples, the starting model's too.
+    for run_dir in (out / "base" / "version_0", out / "cipo" / "seed1" / "version_0"):
+        step = 0 if run_dir.parent.name == "base" else 2
+        samples = (run_dir / "eval").glob(f"val_step{step}_samples*.jsonl")
+        assert sum(len(path.read_text().splitlines()) for path in samples) == 2 * 4, run_dir
     summary = study["summary"]
     assert summary["cipo minus grpo"]["seeds"] == [0, 1]
     assert summary["cipo"]["pass@1"][0] == pytest.approx(
