@@ -332,7 +332,8 @@ class CIPOModule(L.LightningModule):
         micro-batches of `targets` (default: as many as this rank's rows need)."""
         out = torch.zeros_like(batch.engine_logprobs)
         bounds = targets.micro_batch_bounds if targets else self.micro_batch_bounds(batch)
-        for start, stop, padding in padded_micro_batches(bounds, targets.micro_batches if targets else len(bounds)):
+        count = targets.micro_batches if targets else len(bounds)
+        for start, stop, padding in padded_micro_batches(bounds, count):
             logprobs, _ = self.token_logprobs(self.policy, batch.rows(start, stop))
             if not padding:
                 out[start:stop, : logprobs.shape[1]] = logprobs
