@@ -18,10 +18,11 @@ _ALLOWED_IN_CHECKOUT = ("__pycache__/", ".pytest_cache/", ".ruff_cache/")
 
 def checkout_changes() -> set[str] | None:
     """Every untracked, ignored or modified path in the checkout (one `git status` line each), or None outside a
-    git checkout. Ignored files are listed too: runs/, wandb/ and lightning_logs/ are in .gitignore."""
+    git checkout. Ignored files are listed too: runs/, wandb/ and lightning_logs/ are in .gitignore. The set-up's
+    .venv is left out: walking its ~80k files took 0.23 of the 0.36 s a call, twice a test."""
     try:
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--ignored", "--untracked-files=all", "-z"],
+            ["git", "status", "--porcelain", "--ignored", "--untracked-files=all", "-z", "--", ".", ":(exclude).venv"],
             cwd=REPO, capture_output=True, text=True, check=True, timeout=60,
         )  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
