@@ -93,6 +93,7 @@ class CIPOModule(L.LightningModule):
         micro_batch_tokens: int | None = None,
         gradient_checkpointing: bool = True,
         pack_sequences: bool | None = False,
+        share_prompts: bool | None = None,
     ) -> None:
         """
         Args:
@@ -139,6 +140,12 @@ class CIPOModule(L.LightningModule):
                 the gradient are the same (tests/test_packing.py). None: pack when a check at model load shows the
                 model's attention keeps packed rows apart (it compares packed and padded log-probs), else pad and say
                 why; true: pack or stop with an error; false (default until its speed is measured): pad.
+            share_prompts: when packed, feed a prompt once for the consecutive rows of its group in a pass (rows are
+                then sorted group by group): each completion attends to that one copy through an explicit attention
+                mask ([tokens, tokens] per pass), so a group of G completions costs one prompt, not G; the same
+                log-probs and gradient (tests/test_packing.py). None: share when a check at model load shows the
+                model honours such a mask, else pack without sharing and say why; true: share or stop with an error;
+                false: every row carries its own prompt. No effect unpacked.
         """
         super().__init__()
         for key, value in {
@@ -166,6 +173,7 @@ class CIPOModule(L.LightningModule):
         self.tokenizer = None
         self.model_path: str | None = None
         self.packing = False  # decided in configure_model from pack_sequences
+        self.sharing = False  # decided in configure_model from share_prompts
         # Counts optimizer steps; the rollout callback pushes weights into the engine when it changes.
         self.policy_version = 0
         # Steps without an optimizer step (see training_step), since the run began (checkpointed).
@@ -192,6 +200,7 @@ class CIPOModule(L.LightningModule):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.policy.config.use_cache = False
         self.packing = self._choose_packing()
+        self.sharing = self.packing and self._choose_sharing()
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.hparams.beta > 0:
@@ -208,27 +217,41 @@ class CIPOModule(L.LightningModule):
         """Whether to feed packed sequences (model.pack_sequences): a packed and a padded forward of two short rows
         must give the same log-probs. Models whose attention ignores restarting position ids (it would attend across
         rows) fail it and are trained padded."""
-        setting = self.hparams.pack_sequences
+        prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+        return self._packed_layout_check("pack_sequences", prompts, share_prompts=False, what="keep packed rows apart")
+
+    def _choose_sharing(self) -> bool:
+        """Whether packed rows of one prompt share it (model.share_prompts): the same check on two rows of one prompt.
+        Attention that ignores a custom 4D mask (flash attention's varlen kernels) fails it."""
+        prompts = [[1, 2, 3], [1, 2, 3]]
+        return self._packed_layout_check("share_prompts", prompts, share_prompts=True, what="honour a shared prompt")
+
+    def _packed_layout_check(self, key: str, prompts: list[list[int]], share_prompts: bool, what: str) -> bool:
+        """model.<key> decided by comparing packed and padded log-probs of two short rows with `prompts` (see the
+        setting's help): None: the check decides, true: it must pass, false: off."""
+        setting = self.hparams[key]
         if setting is False:
             return False
-        prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
         samples = [Sample([9, 10, 11, 12], [0.0] * 4, False), Sample([13, 14], [0.0] * 2, False)]
         probe = collate_rollouts(prompts, samples, [0.0, 0.0], [0, 0], 0, 1.0, 4)
         probe = probe.to(next(self.policy.parameters()).device)
+        backend = getattr(self.policy.config, "_attn_implementation", "?")
+        attention = f"{type(self.policy).__name__} with attention {backend}"
         with torch.no_grad():
             padded, _ = _padded_token_logprobs(self.policy, probe)
-            packed, _ = _packed_token_logprobs(self.policy, probe)
-        difference = ((padded - packed) * probe.completion_mask).abs().max().item()
-        if difference < 1e-3:
-            return True
-        reason = (
-            f"packed and padded log-probs differ by {difference:.3g} for {type(self.policy).__name__} with "
-            f"attention {getattr(self.policy.config, '_attn_implementation', '?')}: its attention does not keep "
-            "packed rows apart"
-        )
+            try:
+                packed, _ = _packed_token_logprobs(self.policy, probe, share_prompts=share_prompts)
+            except Exception as err:  # an attention backend that refuses the layout (e.g. a 4D mask) fails the check
+                packed, failure = None, f"the packed forward of {attention} failed ({type(err).__name__}: {err})"
+        if packed is not None:
+            difference = ((padded - packed) * probe.completion_mask).abs().max().item()
+            if difference < 1e-3:
+                return True
+            failure = f"packed and padded log-probs differ by {difference:.3g} for {attention}"
+        reason = f"{failure}: its attention does not {what}"
         if setting:
-            raise ConfigError(f"model.pack_sequences true: {reason}; set it to null or false")
-        rank_zero_info(f"model.pack_sequences: training on padded rows ({reason})")
+            raise ConfigError(f"model.{key} true: {reason}; set it to null or false")
+        rank_zero_info(f"model.{key}: off ({reason})")
         return False
 
     def configure_optimizers(self):
@@ -263,7 +286,7 @@ class CIPOModule(L.LightningModule):
         batch = batch.to(self.device)
         if self.hparams.micro_batch_tokens is not None:
             # Rows of like length share a pass (the loss does not depend on row order: groups are labelled).
-            batch = batch.sorted_by_length()
+            batch = batch.sorted_by_length(keep_groups=self.sharing)
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         start = time.perf_counter()
@@ -401,10 +424,11 @@ class CIPOModule(L.LightningModule):
         advantages, full_mask, weights, stream_coefs, stream_tokens, world_size, bounds, micro_batches = targets
         sums = {key: torch.zeros(len(STREAM_NAMES), dtype=torch.float64) for key in _STREAM_SUMS}
         maxima = {"logp_mismatch_max": 0.0, "is_weight_max": 0.0}
-        positions = {"processed": 0, "real": 0}  # input positions through the policy's forward/backward
+        # Input positions through the policy's forward/backward: packed, all real (a shared prompt counts once).
+        positions = {"processed": 0, "real": 0}
         for start, stop, padding in padded_micro_batches(bounds, micro_batches):
             micro = batch.rows(start, stop)
-            real = int(micro.attention_mask.sum())
+            real = micro.fed_tokens(self.sharing) if self.packing else int(micro.attention_mask.sum())
             positions["processed"] += real if self.packing else micro.attention_mask.numel()
             positions["real"] += 0 if padding else real
             if padding:
@@ -504,15 +528,17 @@ class CIPOModule(L.LightningModule):
         if budget is None:
             return row_count_bounds(len(batch), self.hparams.micro_batch_size)
         prompt_lengths, completion_lengths = batch.real_lengths()
-        return token_budget_bounds(prompt_lengths.tolist(), completion_lengths.tolist(), budget, self.packing)
+        shared = batch.shares_prompt().tolist() if self.sharing else None
+        return token_budget_bounds(prompt_lengths.tolist(), completion_lengths.tolist(), budget, self.packing, shared)
 
     def token_logprobs(
         self, model: torch.nn.Module, batch: RolloutBatch, entropy_grad: bool = False
     ) -> tuple[Tensor, Tensor]:
         """Log-probs and entropies of the completion tokens under `model`, [rows, completion_width], from packed or
         padded rows (model.pack_sequences)."""
-        forward = _packed_token_logprobs if self.packing else _padded_token_logprobs
-        return forward(model, batch, entropy_grad)
+        if self.packing:
+            return _packed_token_logprobs(model, batch, entropy_grad, self.sharing)
+        return _padded_token_logprobs(model, batch, entropy_grad)
 
     def setup(self, stage: str) -> None:
         # Atomic checkpoint files (a kill mid-write never leaves a truncated one), unless a plugin chose otherwise.
@@ -565,15 +591,22 @@ def _padded_token_logprobs(
 
 
 def _packed_token_logprobs(
-    model: torch.nn.Module, batch: RolloutBatch, entropy_grad: bool = False
+    model: torch.nn.Module, batch: RolloutBatch, entropy_grad: bool = False, share_prompts: bool = False
 ) -> tuple[Tensor, Tensor]:
     """token_logprobs on the rows packed into one sequence: no padding is processed, logits only where a completion
     token is predicted. transformers keeps attention within each row when the position ids restart and there is no
-    attention mask (sdpa, eager, flex and flash attention alike)."""
-    packed = batch.packed()
+    attention mask (sdpa, eager, flex and flash attention alike); a shared prompt needs an explicit mask, passed as
+    an additive 4D one (transformers uses a 4D mask as given; sdpa and eager attention add it)."""
+    packed = batch.packed(share_prompts)
+    mask = None
+    if packed.attends is not None:
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(packed.attends.shape, dtype=dtype, device=packed.attends.device)
+        mask = mask.masked_fill(~packed.attends, torch.finfo(dtype).min)[None, None]
     logits = model(
         input_ids=packed.input_ids[None],
         position_ids=packed.position_ids[None],
+        attention_mask=mask,
         logits_to_keep=packed.keep,
         use_cache=False,
     ).logits[0]
@@ -593,15 +626,24 @@ def row_count_bounds(rows: int, size: int) -> list[tuple[int, int]]:
 
 
 def token_budget_bounds(
-    prompt_lengths: list[int], completion_lengths: list[int], max_tokens: int, packed: bool
+    prompt_lengths: list[int],
+    completion_lengths: list[int],
+    max_tokens: int,
+    packed: bool,
+    shares_prompt: list[bool] | None = None,
 ) -> list[tuple[int, int]]:
     """[start, stop) of consecutive micro-batches, each grown while the positions its forward processes stay within
-    `max_tokens`: the rows' real tokens when packed; rows x (longest prompt + longest completion) when padded. A row
-    longer than the budget gets a micro-batch of its own."""
+    `max_tokens`: the rows' real tokens when packed, less the prompts of rows that share the previous row's
+    (`shares_prompt`, packed only; a pass's first row feeds its prompt); rows x (longest prompt + longest
+    completion) when padded. A row longer than the budget gets a micro-batch of its own."""
+    shares_prompt = shares_prompt or [False] * len(prompt_lengths)
 
     def cost(start: int, stop: int) -> int:
         prompts, completions = prompt_lengths[start:stop], completion_lengths[start:stop]
-        return sum(prompts) + sum(completions) if packed else (stop - start) * (max(prompts) + max(completions))
+        if not packed:
+            return (stop - start) * (max(prompts) + max(completions))
+        fed = [length for row, length in enumerate(prompts) if row == 0 or not shares_prompt[start + row]]
+        return sum(fed) + sum(completions)
 
     bounds, start = [], 0
     for row in range(1, len(prompt_lengths)):

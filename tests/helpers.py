@@ -70,3 +70,24 @@ def two_stream_batch():
         streams=[0] * 4 + [1] * 4 + [0] * 4 + [1] * 4,
         advantage_shift=shifts,
     )
+
+
+def grouped_two_stream_batch():
+    """Four real groups (each group's rows share their prompt, as sampled groups do), two base and two correction
+    groups with longer prompts, mixed completion lengths, a risk-shaping shift on two corrections."""
+    prompts = [[1, 9690, 198]] * 4 + [[1, 4093, 198, 6004, 520]] * 3
+    prompts += [[1, 9690, 198, 700, 701, 702, 703]] * 3 + [[1, 4093, 704, 705, 706, 707]] * 2
+    completions = [[42], [43, 44], [45, 46, 47], [48, 2], [60, 61], [62], [63, 64, 65, 66, 2]]
+    completions += [[50, 51, 52, 53], [54], [55, 56], [57, 58, 59], [70]]
+    samples = [Sample(c, [-0.1 * (i % 3)] * len(c), truncated=False) for i, c in enumerate(completions)]
+    return collate_rollouts(
+        prompts,
+        samples,
+        rewards=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.5, 0.0, 1.0],
+        group_ids=[0] * 4 + [1] * 3 + [2] * 3 + [3] * 2,
+        pad_token_id=2,
+        temperature=0.7,
+        max_completion_len=6,
+        streams=[0] * 7 + [1] * 5,
+        advantage_shift=[0.0] * 7 + [0.0, -1.0, 0.0, 0.0, -1.0],
+    )

@@ -5,25 +5,29 @@ import pytest
 import torch
 
 from cipo_lightning.module import CIPOModule, token_budget_bounds
-from tests.helpers import two_stream_batch
+from tests.helpers import grouped_two_stream_batch, two_stream_batch
 
 AGGREGATIONS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 
 
 @pytest.fixture(scope="module")
 def modules(tiny_model):
+    """Padded (False), packed with every row's own prompt (True) and packed with shared prompts ("shared")."""
     built = {}
-    for packing in (False, True):
-        module = CIPOModule(model=tiny_model, micro_batch_size=5, gradient_checkpointing=False, pack_sequences=packing)
+    for layout, packing, sharing in ((False, False, False), (True, True, False), ("shared", True, True)):
+        module = CIPOModule(
+            model=tiny_model, micro_batch_size=5, gradient_checkpointing=False, pack_sequences=packing,
+            share_prompts=sharing,
+        )  # fmt: skip
         module.configure_model()
-        built[packing] = module
+        built[layout] = module
     return built
 
 
-def test_the_load_check_chooses_packing_for_a_llama(tiny_model):
-    module = CIPOModule(model=tiny_model, gradient_checkpointing=False, pack_sequences=None)  # decided by the check
+def test_the_load_check_chooses_packing_and_sharing_for_a_llama(tiny_model):
+    module = CIPOModule(model=tiny_model, gradient_checkpointing=False, pack_sequences=None)  # decided by the checks
     module.configure_model()
-    assert module.packing
+    assert module.packing and module.sharing
 
 
 def test_packed_log_probs_equal_padded(modules):
@@ -39,7 +43,7 @@ def test_packed_log_probs_equal_padded(modules):
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_packed_gradient_equals_padded(modules, aggregation):
     grads = {}
-    for packing, module in modules.items():
+    for packing, module in list(modules.items())[:2]:
         module.hparams.update(loss_aggregation=aggregation)
         module.policy.zero_grad(set_to_none=True)
         module.accumulate_policy_gradient(two_stream_batch(), backward=lambda loss: loss.backward())
@@ -84,3 +88,62 @@ def test_token_budget_micro_batches_keep_the_whole_batch_gradient(modules, packi
         # One padded pass over the whole [16, width] batch vs length-sorted passes of like rows.
         assert metrics[0]["train/padding_frac"] == pytest.approx(1 - real / batch.attention_mask.numel())
         assert metrics[1]["train/padding_frac"] < metrics[0]["train/padding_frac"]
+
+
+def test_shared_prompts_are_fed_once_with_the_padded_log_probs(modules):
+    """A group's rows feed their prompt once; each completion still gets the log-probs of its own padded row."""
+    batch = grouped_two_stream_batch()
+    first_rows = {0, 4, 7, 10}  # of groups of 4, 3, 3 and 2 rows
+    assert batch.shares_prompt().tolist() == [row not in first_rows for row in range(12)]
+    padded, padded_entropy = modules[False].token_logprobs(modules[False].policy, batch)
+    shared, shared_entropy = modules["shared"].token_logprobs(modules["shared"].policy, batch)
+    mask = batch.completion_mask.bool()
+    assert (shared[mask] - padded[mask]).abs().max() < 1e-5
+    assert (shared_entropy[mask] - padded_entropy[mask]).abs().max() < 1e-5
+    assert (shared[~mask] == 0).all()
+    # Prompts of 3, 5, 7 and 6 tokens fed once instead of 4, 3, 3 and 2 times; 27 completion tokens.
+    assert batch.fed_tokens(share_prompts=True) == 3 + 5 + 7 + 6 + 27
+    real = int(batch.attention_mask.sum())
+    assert batch.fed_tokens(share_prompts=False) == real == 4 * 3 + 3 * 5 + 3 * 7 + 2 * 6 + 27
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_shared_prompt_gradient_equals_padded(modules, aggregation):
+    grads, metrics = {}, {}
+    for layout in (False, "shared"):
+        module = modules[layout]
+        module.hparams.update(loss_aggregation=aggregation)
+        module.policy.zero_grad(set_to_none=True)
+        metrics[layout] = module.accumulate_policy_gradient(grouped_two_stream_batch(), lambda loss: loss.backward())
+        grads[layout] = torch.cat([p.grad.flatten() for p in module.policy.parameters()])
+    assert grads[False].norm() > 0
+    assert (grads["shared"] - grads[False]).norm() / grads[False].norm() < 1e-5
+    assert metrics["shared"]["train/loss"] == pytest.approx(metrics[False]["train/loss"], abs=1e-6)
+    # Micro-batches of 5 rows: groups split across passes feed their prompt once per pass (rows 0-4, 5-9, 10-11).
+    assert metrics["shared"]["train/trained_tokens"] == (3 + 5) + (5 + 7) + 6 + 27
+    assert metrics["shared"]["train/padding_frac"] == 0.0
+
+
+def test_rows_sorted_group_by_group_then_cut_by_a_budget_with_shared_prompts(modules):
+    """training_step's order under sharing: groups by their tokens, longest first, each group's rows together and
+    longest first; the budget counts a shared prompt once; the gradient is the whole batch's."""
+    batch = grouped_two_stream_batch()
+    ordered = batch.sorted_by_length(keep_groups=True)
+    # Group tokens (prompts + completions): base 12 + 8 and 15 + 8, corrections 21 + 7 and 12 + 4.
+    assert ordered.group_ids.tolist() == [2, 2, 2, 1, 1, 1, 0, 0, 0, 0, 3, 3]
+    lengths = ordered.attention_mask.sum(-1).tolist()
+    assert lengths[:3] == [11, 9, 8] and lengths[3:6] == [10, 7, 6]
+    module = modules["shared"]
+    module.hparams.update(loss_aggregation="token_mean", micro_batch_tokens=None, micro_batch_size=16)
+    grads, metrics = [], []
+    for budget, rows in ((None, batch), (20, ordered)):
+        module.hparams.micro_batch_tokens = budget
+        module.policy.zero_grad(set_to_none=True)
+        metrics.append(module.accumulate_policy_gradient(rows, backward=lambda loss: loss.backward()))
+        grads.append(torch.cat([p.grad.flatten() for p in module.policy.parameters()]))
+    # Completions 4, 2, 1 | 5, 2, 1 | 3, 2, 2, 1 | 3, 1 under prompts of 7, 5, 3, 6: a pass feeds 7 + 7, then
+    # 5 + 8 + 3 + 3 (another row would make 21), then group 0's rest with its prompt again, 3 + 5 + 6 + 4.
+    assert module.micro_batch_bounds(ordered) == [(0, 3), (3, 7), (7, 12)]
+    module.hparams.update(micro_batch_size=5, micro_batch_tokens=None)
+    assert (grads[1] - grads[0]).norm() / grads[0].norm() < 1e-5
+    assert metrics[1]["train/trained_tokens"] == (7 + 7) + (5 + 8 + 3 + 3) + (3 + 5 + 6 + 4)

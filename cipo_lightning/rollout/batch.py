@@ -6,7 +6,10 @@ completion of every row then starts at column `prompt_width`, so the model's log
 
 The same rows can also be fed packed (`RolloutBatch.packed`): every row's real tokens one after the other in a single
 sequence, positions restarting at each row, so the model processes no padding at all; the logits are then taken only
-at the positions that predict a completion token.
+at the positions that predict a completion token. Packed, consecutive rows of one prompt (a group's completions) can
+also share that prompt: it is fed once and each completion attends to it and to itself (an explicit attention mask),
+so a group of G completions costs one prompt instead of G. Each completion's hidden states are what its own row
+would give, and the gradient reaching the shared prompt is the sum of what each row would send it.
 
 Under CIPO one batch holds two streams: the base groups (problem -> attempt) and the correction groups (problem and
 an anchor attempt -> correction). A stream label per row lets the loss normalise and weight each stream on its own;
@@ -51,11 +54,14 @@ class PackedRows:
     """The rows of a batch as one padding-free sequence (see RolloutBatch.packed)."""
 
     input_ids: Tensor  # [tokens], every row's prompt and completion tokens, row after row
-    position_ids: Tensor  # [tokens], restarting at 0 at each row: the model keeps attention within a row
+    position_ids: Tensor  # [tokens], each token's position in its own unpadded row
     keep: Tensor  # [completion tokens], positions whose logits predict a completion token
     targets: Tensor  # [completion tokens], the completion token each kept position predicts
     rows: Tensor  # [completion tokens], its row ...
     cols: Tensor  # [completion tokens], ... and column in the [rows, completion_width] layout
+    # [tokens, tokens], True where a query token (row) may attend a key token (column): only when a prompt is shared.
+    # None: every row carries its own prompt, and positions restarting at 0 at each row keep attention within it.
+    attends: Tensor | None = None
 
 
 @dataclass
@@ -92,23 +98,65 @@ class RolloutBatch:
         real = self.attention_mask.bool()
         return real[:, : self.prompt_width].sum(-1), real[:, self.prompt_width :].sum(-1)
 
-    def sorted_by_length(self) -> RolloutBatch:
-        """The rows longest first (ties in their order), so that rows of like length can share a micro-batch."""
-        return self.take(torch.argsort(self.attention_mask.sum(-1), descending=True, stable=True))
+    def sorted_by_length(self, keep_groups: bool = False) -> RolloutBatch:
+        """The rows longest first (ties in their order), so that rows of like length can share a micro-batch; with
+        `keep_groups` the groups longest (in all their rows' tokens) first and each group's rows together, longest
+        first, so that a micro-batch can feed a group's prompt once (packed(share_prompts=True))."""
+        lengths = self.attention_mask.sum(-1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        if not keep_groups:
+            return self.take(order)
+        # Successive stable sorts by the less significant key first: group size, then group, then row length.
+        group = self.streams * (int(self.group_ids.max()) + 1) + self.group_ids
+        group_tokens = torch.zeros_like(lengths).index_add_(0, group, lengths)[group]
+        for key in (group, -group_tokens):
+            order = order[torch.argsort(key[order], stable=True)]
+        return self.take(order)
 
-    def packed(self) -> PackedRows:
-        """The rows packed into one sequence without padding (the attention mask selects each row's tokens in
-        order, so flattening it concatenates the rows)."""
-        real = self.attention_mask.bool()
+    def shares_prompt(self) -> Tensor:
+        """[rows] bool: the row's prompt is the previous row's, token for token (never for row 0)."""
+        prompt = self.input_ids[:, : self.prompt_width] * self.attention_mask[:, : self.prompt_width]
+        lengths, _ = self.real_lengths()  # padding tokens are zeroed above, so equal lengths tell them apart
+        same = (prompt[1:] == prompt[:-1]).all(-1) & (lengths[1:] == lengths[:-1])
+        return torch.cat([same.new_zeros(1), same])
+
+    def fed_tokens(self, share_prompts: bool = False) -> int:
+        """How many positions packed(share_prompts) feeds: the real tokens, less the prompts of rows sharing one."""
+        prompt_lengths, _ = self.real_lengths()
+        shared = prompt_lengths[self.shares_prompt()].sum() if share_prompts else 0
+        return int(self.attention_mask.sum() - shared)
+
+    def packed(self, share_prompts: bool = False) -> PackedRows:
+        """The rows packed into one sequence without padding, in order; with `share_prompts` a row whose prompt is
+        the previous row's contributes only its completion (see the module docstring)."""
         prompt_lengths, completion_lengths = self.real_lengths()
-        lengths = prompt_lengths + completion_lengths
         device = self.input_ids.device
+        index = torch.arange(len(self), device=device)
+        shared = self.shares_prompt() if share_prompts else torch.zeros(len(self), dtype=torch.bool, device=device)
+        fed_prompts = prompt_lengths * ~shared
+        lengths = fed_prompts + completion_lengths
         starts = torch.cumsum(lengths, 0) - lengths
-        position_ids = torch.arange(int(lengths.sum()), device=device) - starts.repeat_interleave(lengths)
-        rows = torch.arange(len(self), device=device).repeat_interleave(completion_lengths)
+        # The attention mask selects each row's real tokens in order; a shared prompt's columns are left out.
+        fed = self.attention_mask.bool()
+        fed[:, : self.prompt_width] &= ~shared[:, None]
+        # The row whose copy of the prompt each row reads: the last row at or before it that fed its own.
+        owner = torch.cummax(torch.where(shared, 0, index), 0).values
+        rows = index.repeat_interleave(completion_lengths)
         cols = torch.arange(len(rows), device=device) - (torch.cumsum(completion_lengths, 0) - completion_lengths)[rows]
-        keep = (starts + prompt_lengths - 1)[rows] + cols
-        return PackedRows(self.input_ids[real], position_ids, keep, self.completion_ids[rows, cols], rows, cols)
+        # Token 0 is predicted by the owner's last prompt token, token c > 0 by the row's own token c - 1.
+        first = (starts[owner] + prompt_lengths - 1)[rows]
+        keep = torch.where(cols == 0, first, (starts + fed_prompts)[rows] + cols - 1)
+        packed = PackedRows(
+            self.input_ids[fed], self.position_ids[fed], keep, self.completion_ids[rows, cols], rows, cols
+        )
+        if bool(shared.any()):
+            token_row = index.repeat_interleave(lengths)
+            in_prompt = torch.arange(len(token_row), device=device) < (starts + fed_prompts)[token_row]
+            reads, token_owner = token_row[:, None], owner[token_row]
+            causal = torch.ones(len(token_row), len(token_row), dtype=torch.bool, device=device).tril()
+            same_prompt = token_owner[:, None] == token_owner[None, :]
+            packed.attends = causal & same_prompt & (in_prompt[None, :] | (reads == token_row[None, :]))
+        return packed
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
