@@ -9,10 +9,11 @@ out. From metrics.csv, per step (median over steps):
   0 in this config), other = time/step - the rest;
   overhead = time/step / (rollout + optim) (target <= 1.15).
 Padding and the dense floor: train/padding_frac is the share of the positions the policy's passes processed that were
-padding (target <= 0.10); train/trained_tokens_per_s (real tokens through forward and backward per second of optim) is
-compared with the dense floor measured in the same run: the same model, loaded as the run loads it (dtype, gradient
-checkpointing), trained one AdamW step on one unpadded batch of the step's token count (the run's median
-train/trained_tokens, as rows of 96 tokens, about a quickstart row), with logits at every position (target >= 0.9).
+padding (target <= 0.10); train/trained_tokens_per_s (real tokens through forward and backward per second of optim; a
+prompt that a group's rows share in a pass, model.share_prompts, counts once) is compared with the dense floor
+measured in the same run: the same model, loaded as the run loads it (dtype, gradient checkpointing), trained one
+AdamW step on one unpadded batch of the step's token count (the run's median train/trained_tokens, as rows of 96
+tokens, about a quickstart row), with logits at every position (target >= 0.9).
 Peak memory is the process's maximum resident set (the engine runs in the trainer's process), shown against the sum
 of the parts measured in the same run (common.PhaseRecorder.parts_gb): runtime, engine, weights, gradients, AdamW
 state and one micro-batch's activations; the rest is what the allocator holds beyond them.

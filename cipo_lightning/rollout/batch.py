@@ -106,7 +106,7 @@ class RolloutBatch:
         order = torch.argsort(lengths, descending=True, stable=True)
         if not keep_groups:
             return self.take(order)
-        # Successive stable sorts by the less significant key first: group size, then group, then row length.
+        # Stable sorts, the least significant key first: row length (above), group, then the group's tokens.
         group = self.streams * (int(self.group_ids.max()) + 1) + self.group_ids
         group_tokens = torch.zeros_like(lengths).index_add_(0, group, lengths)[group]
         for key in (group, -group_tokens):
@@ -152,10 +152,12 @@ class RolloutBatch:
         if bool(shared.any()):
             token_row = index.repeat_interleave(lengths)
             in_prompt = torch.arange(len(token_row), device=device) < (starts + fed_prompts)[token_row]
-            reads, token_owner = token_row[:, None], owner[token_row]
+            token_owner = owner[token_row]
             causal = torch.ones(len(token_row), len(token_row), dtype=torch.bool, device=device).tril()
             same_prompt = token_owner[:, None] == token_owner[None, :]
-            packed.attends = causal & same_prompt & (in_prompt[None, :] | (reads == token_row[None, :]))
+            same_row = token_row[:, None] == token_row[None, :]
+            # A query reads its prompt (the owner's prompt tokens) and its own row's tokens, never a sibling's.
+            packed.attends = causal & same_prompt & (in_prompt[None, :] | same_row)
         return packed
 
     def to(self, device: torch.device | str) -> RolloutBatch:
