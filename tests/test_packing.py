@@ -147,3 +147,18 @@ def test_rows_sorted_group_by_group_then_cut_by_a_budget_with_shared_prompts(mod
     module.hparams.update(micro_batch_size=5, micro_batch_tokens=None)
     assert (grads[1] - grads[0]).norm() / grads[0].norm() < 1e-5
     assert metrics[1]["train/trained_tokens"] == (7 + 7) + (5 + 8 + 3 + 3) + (3 + 5 + 6 + 4)
+
+
+def test_eager_attention_honours_the_shared_prompt_mask_too(tiny_model):
+    """The additive 4D mask reaches eager attention as it does sdpa (transformers adds it to the scores there)."""
+    module = CIPOModule(model=tiny_model, gradient_checkpointing=False, pack_sequences=True, share_prompts=True)
+    module.configure_model()
+    module.policy.set_attn_implementation("eager")
+    assert module._choose_sharing()
+    batch = grouped_two_stream_batch()
+    with torch.no_grad():
+        shared, _ = module.token_logprobs(module.policy, batch)
+        module.packing = module.sharing = False
+        padded, _ = module.token_logprobs(module.policy, batch)
+    mask = batch.completion_mask.bool()
+    assert (shared[mask] - padded[mask]).abs().max() < 1e-5
