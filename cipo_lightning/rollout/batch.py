@@ -106,8 +106,9 @@ class RolloutBatch:
         order = torch.argsort(lengths, descending=True, stable=True)
         if not keep_groups:
             return self.take(order)
-        # Stable sorts, the least significant key first: row length (above), group, then the group's tokens.
-        group = self.streams * (int(self.group_ids.max()) + 1) + self.group_ids
+        # Stable sorts, the least significant key first: row length (above), group, then the group's tokens. Group
+        # ids are unique across both streams (collate_groups numbers every group of the batch); made dense here.
+        _, group = torch.unique(self.group_ids, return_inverse=True)
         group_tokens = torch.zeros_like(lengths).index_add_(0, group, lengths)[group]
         for key in (group, -group_tokens):
             order = order[torch.argsort(key[order], stable=True)]
@@ -137,8 +138,8 @@ class RolloutBatch:
         lengths = fed_prompts + completion_lengths
         starts = torch.cumsum(lengths, 0) - lengths
         # The attention mask selects each row's real tokens in order; a shared prompt's columns are left out.
-        fed = self.attention_mask.bool()
-        fed[:, : self.prompt_width] &= ~shared[:, None]
+        in_prompt_columns = torch.arange(self.input_ids.shape[1], device=device) < self.prompt_width
+        fed = self.attention_mask.bool() & ~(shared[:, None] & in_prompt_columns)
         # The row whose copy of the prompt each row reads: the last row at or before it that fed its own.
         owner = torch.cummax(torch.where(shared, 0, index), 0).values
         rows = index.repeat_interleave(completion_lengths)
