@@ -305,6 +305,27 @@ def test_vllm_failures_name_the_setting(tiny_model):
         engine.shutdown()
 
 
+@pytest.mark.slow
+def test_vllm_seeded_prompts_beyond_one_scheduler_step(tiny_model):
+    """More prompt tokens than vLLM schedules in one step: on CPU a prompt was then prefilled in two chunks, and
+    vLLM's CPU backend cannot rewind a seeded request's generator ("CPU Generator does not use offset")."""
+    from cipo_lightning.rollout import SamplingSettings, VLLMEngine
+
+    engine = VLLMEngine(dtype="float32", kv_cache_memory_gb=0.1, max_model_len=512)
+    engine.start(tiny_model, 0, torch.device("cpu"))
+    try:
+        budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        prompts = [[100 + row] + [5] * 299 for row in range(budget // 300 + 2)]  # one step holds all but the last
+        sampling = SamplingSettings(n=2, max_new_tokens=4, temperature=1.0, seed=3)
+        together = engine.generate(prompts, sampling)
+        alone = engine.generate(prompts[-1:], sampling)
+    finally:
+        engine.shutdown()
+    assert len(together) == len(prompts) and all(len(samples) == 2 for samples in together)
+    # Seeded per prompt: the prompt scheduled last draws what it draws alone.
+    assert together[-1] == alone[0]
+
+
 def _jsonl(path: Path, lines: list[bytes]) -> str:
     path.write_bytes(b"\n".join(lines) + b"\n")
     return str(path)

