@@ -2,7 +2,8 @@
 # A vLLM server for rollout.engine: cipo_lightning.rollout.VLLMServerEngine (docs/scaling.md).
 #   bash scripts/vllm_server.sh MODEL [vLLM server options ...]
 # MODEL: a local HF folder, a hub id, or SmolLM2-135M-Instruct (the embedded model, converted on first use).
-# Examples: --port 8000 --dtype float32 --kv-cache-memory-bytes 3000000000 --enforce-eager (CPU);
+# Examples: --port 8000 --dtype float32 --kv-cache-memory-bytes 3000000000 --enforce-eager --no-enable-chunked-prefill
+#           (CPU, where a seeded request prefilled in chunks fails: docs/reliability.md);
 #           --port 8000 --tensor-parallel-size 2 --gpu-memory-utilization 0.9 (GPUs the trainer does not use).
 # Set on purpose:
 #   VLLM_SERVER_DEV_MODE=1             the /collective_rpc and /reset_prefix_cache endpoints weight sync uses

@@ -33,7 +33,8 @@ def server(tiny_model, tmp_path_factory) -> Iterator[str]:
     with log.open("w") as out:
         process = subprocess.Popen(
             ["bash", str(REPO / "scripts" / "vllm_server.sh"), tiny_model, "--port", str(port), "--dtype", "float32",
-             "--max-model-len", "1024", "--kv-cache-memory-bytes", str(500 * 2**20), "--enforce-eager"],
+             "--max-model-len", "1024", "--kv-cache-memory-bytes", str(500 * 2**20), "--enforce-eager",
+             "--no-enable-chunked-prefill"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
