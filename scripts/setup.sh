@@ -13,8 +13,7 @@ if [ ! -f "$stamp" ]; then
   "$python" -m venv .venv
   log=.venv/install.log
   {
-    # --no-compile, then compileall below: pip byte-compiles package after package on one core, over half of a
-    # set-up's time; compileall uses every core.
+    # --no-compile, then compileall below: pip byte-compiles file after file on one core, compileall on every core.
     # Pinned exactly: an open torch range pulls a multi-GB CUDA build onto CPU machines.
     .venv/bin/pip install --no-compile torch==2.13.0
     .venv/bin/pip install --no-compile -e ".[cpu,dev]"
