@@ -3,11 +3,13 @@ the trainer's log-probs, weight sync through files, and CIPO training through th
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import socket
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,6 +95,21 @@ def test_server_samples_with_policy_logprobs_and_takes_pushed_weights(server, ti
     assert weight_dir.is_dir() and not any(weight_dir.iterdir())
     engine.shutdown()
     assert not weight_dir.exists()
+
+
+@pytest.mark.slow
+def test_server_seeded_prompts_beyond_one_scheduler_step(server, tiny_model):
+    """More prompt tokens than the server schedules in one step, seeded: fails on CPU with chunked prefill
+    (docs/reliability.md), hence --no-enable-chunked-prefill in the fixture as in the documented CPU command."""
+    engine = VLLMServerEngine(server, dtype="float32")
+    engine.start(tiny_model, seed=0, device=torch.device("cpu"))
+    with urllib.request.urlopen(f"{server}/server_info?config_format=json") as response:
+        budget = json.load(response)["vllm_config"]["scheduler_config"]["max_num_batched_tokens"]
+    prompts = [[100 + row] + [5] * 299 for row in range(budget // 300 + 2)]
+    sampling = SamplingSettings(n=2, max_new_tokens=2, temperature=1.0, seed=3)
+    together = engine.generate(prompts, sampling)
+    assert [len(samples) for samples in together] == [2] * len(prompts)
+    assert together[-1] == engine.generate(prompts[-1:], sampling)[0]
 
 
 @pytest.mark.slow
