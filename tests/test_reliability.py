@@ -315,7 +315,7 @@ def test_vllm_seeded_prompts_beyond_one_scheduler_step(tiny_model):
     engine.start(tiny_model, 0, torch.device("cpu"))
     try:
         budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
-        prompts = [[100 + row] + [5] * 299 for row in range(budget // 300 + 2)]  # one step holds all but the last
+        prompts = [[100 + row] + [5] * 299 for row in range(budget // 300 + 2)]  # more than one step's tokens
         sampling = SamplingSettings(n=2, max_new_tokens=4, temperature=1.0, seed=3)
         together = engine.generate(prompts, sampling)
         alone = engine.generate(prompts[-1:], sampling)

