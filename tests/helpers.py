@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from cipo_lightning.rollout import Sample, collate_rollouts
+from cipo_lightning.rollout import Sample, SamplingSettings, collate_rollouts
+
+# Seeded sampling for prompts_beyond_one_step.
+SEEDED_PAIRS = SamplingSettings(n=2, max_new_tokens=2, temperature=1.0, seed=3)
+
+
+def prompts_beyond_one_step(step_tokens: int) -> list[list[int]]:
+    """Distinct 300-token prompts, more of them in all than a vLLM scheduler step of `step_tokens` prefills."""
+    return [[100 + row] + [5] * 299 for row in range(step_tokens // 300 + 2)]
 
 
 class ParityReward:

@@ -19,7 +19,7 @@ from cipo_lightning.checkpointing import AtomicCheckpointIO, latest_checkpoint
 from cipo_lightning.data import DatasetTask, ReasoningGymTask, RolloutDataModule
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.rollout.corrections import correction_stats
-from tests.helpers import ParityReward, two_group_batch
+from tests.helpers import SEEDED_PAIRS, ParityReward, prompts_beyond_one_step, two_group_batch
 from tests.test_training import REPO, TINY_QUICKSTART, _cli, _fit_hf, _initial_weights, _read_metrics
 
 
@@ -309,16 +309,15 @@ def test_vllm_failures_name_the_setting(tiny_model):
 def test_vllm_seeded_prompts_beyond_one_scheduler_step(tiny_model):
     """More prompt tokens than vLLM schedules in one step: on CPU a prompt was then prefilled in two chunks, and
     vLLM's CPU backend cannot rewind a seeded request's generator ("CPU Generator does not use offset")."""
-    from cipo_lightning.rollout import SamplingSettings, VLLMEngine
+    from cipo_lightning.rollout import VLLMEngine
 
     engine = VLLMEngine(dtype="float32", kv_cache_memory_gb=0.1, max_model_len=512)
     engine.start(tiny_model, 0, torch.device("cpu"))
     try:
         budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
-        prompts = [[100 + row] + [5] * 299 for row in range(budget // 300 + 2)]  # more than one step's tokens
-        sampling = SamplingSettings(n=2, max_new_tokens=4, temperature=1.0, seed=3)
-        together = engine.generate(prompts, sampling)
-        alone = engine.generate(prompts[-1:], sampling)
+        prompts = prompts_beyond_one_step(budget)
+        together = engine.generate(prompts, SEEDED_PAIRS)
+        alone = engine.generate(prompts[-1:], SEEDED_PAIRS)
     finally:
         engine.shutdown()
     assert len(together) == len(prompts) and all(len(samples) == 2 for samples in together)

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cipo_lightning.rollout import SamplingSettings, VLLMServerEngine
+from tests.helpers import SEEDED_PAIRS, prompts_beyond_one_step
 from tests.test_training import REPO, TINY_QUICKSTART, _cli, _read_metrics
 
 
@@ -104,13 +105,12 @@ def test_server_seeded_prompts_beyond_one_scheduler_step(server, tiny_model):
     (docs/reliability.md), hence --no-enable-chunked-prefill in the fixture as in the documented CPU command."""
     with urllib.request.urlopen(f"{server}/server_info?config_format=json") as response:
         budget = json.load(response)["vllm_config"]["scheduler_config"]["max_num_batched_tokens"]
-    prompts = [[100 + row] + [5] * 299 for row in range(budget // 300 + 2)]
-    sampling = SamplingSettings(n=2, max_new_tokens=2, temperature=1.0, seed=3)
+    prompts = prompts_beyond_one_step(budget)
     engine = VLLMServerEngine(server, dtype="float32")
     engine.start(tiny_model, seed=0, device=torch.device("cpu"))
     try:
-        together = engine.generate(prompts, sampling)
-        alone = engine.generate(prompts[-1:], sampling)
+        together = engine.generate(prompts, SEEDED_PAIRS)
+        alone = engine.generate(prompts[-1:], SEEDED_PAIRS)
     finally:
         engine.shutdown()  # removes the weight folder start() made
     assert [len(samples) for samples in together] == [2] * len(prompts)
