@@ -93,6 +93,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for algorithm in args.algorithms:
             results[algorithm] = step_parts(algorithm, args.steps, Path(tmp) / algorithm, extra)
+        # The floors after all training runs, so that nothing runs between them: in two calls with a floor measured
+        # between the runs the second run (CIPO) was ~40% slower; not reproduced reliably (docs/benchmarks.md).
+        for algorithm in args.algorithms:
             parts = results[algorithm][0]
             parts["floor"] = dense_floor(Path(tmp) / algorithm / "version_0", int(parts["tokens"]))
 
