@@ -8,8 +8,10 @@ import functools
 import inspect
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,26 +21,36 @@ from cipo_lightning.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs the CLI in this process and reports its peak RSS (a colocated vLLM engine lives in the same process).
+# With DENSE_FLOOR set it also measures the dense floor in that process after the last step (InRunFloor).
 _CHILD = """
-import json, sys
-from benchmarks.common import PhaseRecorder
+import json, os, sys
+from benchmarks.common import InRunFloor, PhaseRecorder
 from cipo_lightning.cli import main
 recorder = PhaseRecorder(verbose=False)
+floor = InRunFloor(recorder) if os.environ.get("DENSE_FLOOR") else None
 main(sys.argv[1:])
 recorder.record("end")
-print("MEMORY_JSON " + json.dumps({"peak_gb": recorder.peak_gb, "parts_gb": recorder.parts_gb()}))
+report = {"peak_gb": recorder.peak_gb, "parts_gb": recorder.parts_gb()}
+if floor is not None:
+    report.update(peak_gb=floor.training_peak_gb, floor=floor.tokens_per_s)
+print("MEMORY_JSON " + json.dumps(report))
 """
 GB = 2**30
 
 
-def train_quickstart(overrides: list[str], steps: int, root: Path) -> tuple[list[dict[str, float]], dict[str, Any]]:
+def train_quickstart(
+    overrides: list[str], steps: int, root: Path, dense_floor: bool = False
+) -> tuple[list[dict[str, float]], dict[str, Any]]:
     """`steps` steps of configs/quickstart.yaml with `overrides`, without validation or checkpoints, logged under
     root: one dict of metrics per step (in step order) and the process's memory: {"peak_gb": peak RSS, "parts_gb":
-    PhaseRecorder.parts_gb()}."""
+    PhaseRecorder.parts_gb()}; with `dense_floor` also {"floor": InRunFloor.tokens_per_s}, the peak then being the
+    training's, before the floor."""
     args = ["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", str(steps),
             "--trainer.val_check_interval", "100000", "--trainer.default_root_dir", str(root),
             "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", *overrides]  # fmt: skip
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    if dense_floor:
+        env["DENSE_FLOOR"] = "1"
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, *args], cwd=REPO, env=env, capture_output=True, text=True, check=False
     )
@@ -163,3 +175,61 @@ class PhaseRecorder:
 
         static = isinstance(inspect.getattr_static(owner, method), staticmethod)
         setattr(owner, method, staticmethod(recorded) if static else recorded)
+
+
+def dense_step_tokens_per_s(policy: Any, optimizer: Any, tokens: int, row_tokens: int = 96, repeats: int = 3) -> float:
+    """The dense floor: tokens per second of one optimizer step of `policy` on an unpadded [tokens // row_tokens,
+    row_tokens] batch of random tokens (about a quickstart row each), logits at every position; median of `repeats`
+    after a warm-up. The gradients are dropped after each step."""
+    import torch
+
+    shape = (max(tokens // row_tokens, 1), row_tokens)
+    input_ids = torch.randint(policy.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(repeats + 1):
+        optimizer.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        logits = policy(input_ids=input_ids, use_cache=False).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    optimizer.zero_grad(set_to_none=True)
+    return input_ids.numel() / statistics.median(times[1:])
+
+
+class InRunFloor:
+    """The dense floor measured in a training run's own process, after its last step and before the rollout engine
+    shuts down (RolloutCallback.on_fit_end): the run's policy and AdamW, the vLLM engine still resident, the run's
+    allocator settings and threads, so it shares every condition the steps ran under but the work. A floor measured
+    in a fresh process lacks the engine (in the probes of docs/benchmarks.md a policy update on the 2-core CPU
+    machine was 3-30% slower with one resident). Its batch has the median of the steps' trained tokens (the first
+    step left out, as step_time does). It runs after training, so it changes no step; the weights it moves are not
+    saved (the benchmarks run without checkpoints). `training_peak_gb` is the peak RSS before it: its one dense pass
+    holds more activations than a micro-batch."""
+
+    def __init__(self, recorder: PhaseRecorder) -> None:
+        from cipo_lightning.module import CIPOModule
+        from cipo_lightning.rollout import RolloutCallback
+
+        self.tokens_per_s: float | None = None
+        self.training_peak_gb: float | None = None
+        step_tokens: list[float] = []
+        accumulate, fit_end = CIPOModule.accumulate_policy_gradient, RolloutCallback.on_fit_end
+
+        @functools.wraps(accumulate)
+        def counted(module: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
+            metrics = accumulate(module, *args, **kwargs)
+            step_tokens.append(metrics["train/trained_tokens"])
+            return metrics
+
+        @functools.wraps(fit_end)
+        def measured(callback: Any, trainer: Any, module: Any) -> None:
+            recorder.record("training end")
+            self.training_peak_gb = recorder.peak_gb
+            tokens = int(statistics.median(step_tokens[1:] or step_tokens))
+            self.tokens_per_s = dense_step_tokens_per_s(module.policy, trainer.optimizers[0], tokens)
+            fit_end(callback, trainer, module)
+
+        CIPOModule.accumulate_policy_gradient = counted
+        RolloutCallback.on_fit_end = measured

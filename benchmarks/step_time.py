@@ -11,10 +11,13 @@ out. From metrics.csv, per step (median over steps):
 Padding and the dense floor: train/padding_frac is the share of the positions the policy's passes processed that were
 padding (target <= 0.10); train/trained_tokens_per_s (real tokens through forward and backward per second of optim; a
 prompt that a group's rows share in a pass, model.share_prompts, counts once) is compared with the dense floor
-measured in the same run: the same model, loaded as the run loads it (dtype, gradient checkpointing), trained one
-AdamW step on one unpadded batch of the step's token count (the run's median train/trained_tokens, as rows of 96
-tokens, about a quickstart row), with logits at every position (target >= 0.9).
-Peak memory is the process's maximum resident set (the engine runs in the trainer's process), shown against the sum
+(common.dense_step_tokens_per_s): one AdamW step of the same model on one unpadded batch of the step's token count
+(the run's median train/trained_tokens, as rows of 96 tokens, about a quickstart row), logits at every position.
+The target (>= 0.9) is on the floor measured in the run's own process after its last step (common.InRunFloor: the
+run's policy and optimizer, the engine still resident); the floor in a fresh process without an engine, the model
+loaded as the run loads it (dtype, gradient checkpointing), is printed next to it, the difference being what the
+resident engine costs a pass.
+Peak memory is the training's maximum resident set (the engine runs in the trainer's process), shown against the sum
 of the parts measured in the same run (common.PhaseRecorder.parts_gb): runtime, engine, weights, gradients, AdamW
 state and one micro-batch's activations; the rest is what the allocator holds beyond them.
 
@@ -27,19 +30,18 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from common import train_quickstart
+from common import dense_step_tokens_per_s, train_quickstart
 
 PARTS = ("rollout", "verify", "sync", "optim", "other")
 
 
 def step_parts(algorithm: str, steps: int, root: Path, extra: list[str]) -> tuple[dict[str, float], dict[str, Any]]:
     """Median seconds per part over steps 1.. of one quickstart training run, and its memory (train_quickstart)."""
-    rows, memory = train_quickstart(["--algorithm", algorithm, *extra], steps, root)
+    rows, memory = train_quickstart(["--algorithm", algorithm, *extra], steps, root, dense_floor=True)
     parts = {part: [] for part in (*PARTS, "step", "padding_frac", "tokens", "tokens_per_s")}
     for row in rows[1:]:
         known = {
@@ -55,13 +57,13 @@ def step_parts(algorithm: str, steps: int, root: Path, extra: list[str]) -> tupl
         known["tokens_per_s"] = row.get("train/trained_tokens_per_s", float("nan"))
         for part, value in known.items():
             parts[part].append(value)
-    return {part: statistics.median(values) for part, values in parts.items()}, memory
+    medians = {part: statistics.median(values) for part, values in parts.items()}
+    return medians | {"floor": memory.pop("floor")}, memory
 
 
-def dense_floor(run: Path, tokens: int, row_tokens: int = 96, repeats: int = 3) -> float:
-    """Tokens per second of one AdamW step on an unpadded [tokens // row_tokens, row_tokens] batch of random tokens
-    through the run's model loaded as the run loaded it (its hparams.yaml), logits at every position; median of
-    `repeats` after a warm-up."""
+def fresh_process_floor(run: Path, tokens: int) -> float:
+    """The dense floor (common.dense_step_tokens_per_s) in this process, without a rollout engine: the run's model
+    loaded as the run loaded it (its hparams.yaml), a new AdamW."""
     import torch
 
     from cipo_lightning.module import CIPOModule
@@ -70,18 +72,7 @@ def dense_floor(run: Path, tokens: int, row_tokens: int = 96, repeats: int = 3) 
     module = CIPOModule(model=hparams["model"], gradient_checkpointing=hparams["gradient_checkpointing"])
     module.configure_model()
     optimizer = torch.optim.AdamW(module.policy.parameters(), lr=1e-12)
-    shape = (max(tokens // row_tokens, 1), row_tokens)
-    input_ids = torch.randint(module.policy.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        logits = module.policy(input_ids=input_ids, use_cache=False).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return input_ids.numel() / statistics.median(times[1:])
+    return dense_step_tokens_per_s(module.policy, optimizer, tokens)
 
 
 def main() -> None:
@@ -93,11 +84,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for algorithm in args.algorithms:
             results[algorithm] = step_parts(algorithm, args.steps, Path(tmp) / algorithm, extra)
-        # The floors after all training runs, so that nothing runs between them: in two calls with a floor measured
-        # between the runs the second run (CIPO) was ~40% slower; not reproduced reliably (docs/benchmarks.md).
+        # The fresh-process floors after all training runs, so that nothing runs between them: in two calls with a
+        # floor measured between the runs the second run (CIPO) was ~40% slower; not reproduced reliably
+        # (docs/benchmarks.md).
         for algorithm in args.algorithms:
             parts = results[algorithm][0]
-            parts["floor"] = dense_floor(Path(tmp) / algorithm / "version_0", int(parts["tokens"]))
+            parts["fresh_floor"] = fresh_process_floor(Path(tmp) / algorithm / "version_0", int(parts["tokens"]))
 
     print(f"configs/quickstart.yaml {' '.join(extra)}, median of steps 1-{args.steps - 1} (seconds)")
     print(f"{'':6s}" + "".join(f"{name:>9s}" for name in (*PARTS, "step", "overhead", "peak GB")))
@@ -109,8 +101,9 @@ def main() -> None:
     for algorithm, (parts, _) in results.items():
         print(
             f"{algorithm} padding_frac {parts['padding_frac']:.3f} (target <= 0.10); trained tokens/s "
-            f"{parts['tokens_per_s']:.1f} ({parts['tokens']:.0f} tokens a step), dense floor {parts['floor']:.1f}: "
-            f"ratio {parts['tokens_per_s'] / parts['floor']:.3f} (target >= 0.9)"
+            f"{parts['tokens_per_s']:.1f} ({parts['tokens']:.0f} tokens a step), dense floor in the run "
+            f"{parts['floor']:.1f}: ratio {parts['tokens_per_s'] / parts['floor']:.3f} (target >= 0.9); in a fresh "
+            f"process {parts['fresh_floor']:.1f}: ratio {parts['tokens_per_s'] / parts['fresh_floor']:.3f}"
         )
     if len(results) == 2:
         grpo, cipo = (results[a][0]["step"] for a in ("grpo", "cipo"))
