@@ -4,6 +4,7 @@ positions restarting per row, logits only where a completion token is predicted.
 import pytest
 import torch
 
+from cipo_lightning.errors import ConfigError
 from cipo_lightning.module import CIPOModule, token_budget_bounds
 from tests.helpers import grouped_two_stream_batch, two_stream_batch
 
@@ -28,6 +29,26 @@ def test_the_load_check_chooses_packing_and_sharing_for_a_llama(tiny_model):
     module = CIPOModule(model=tiny_model, gradient_checkpointing=False, pack_sequences=None)  # decided by the checks
     module.configure_model()
     assert module.packing and module.sharing
+
+
+def _causal_only_attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa that ignores the mask and attends causally over the whole sequence: packed rows read each other."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+
+
+def test_the_load_check_refuses_attention_that_reads_across_rows(tiny_model):
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("causal_only", _causal_only_attention)
+    module = CIPOModule(model=tiny_model, gradient_checkpointing=False, pack_sequences=True, share_prompts=None)
+    module.configure_model()  # sdpa passes
+    module.policy.set_attn_implementation("causal_only")
+    assert not module._choose_sharing()  # None: off, with the reason logged
+    with pytest.raises(ConfigError, match=r"model.pack_sequences true: packed log-probs differ from each row's alone"):
+        module._choose_packing()
 
 
 def test_packed_log_probs_equal_padded(modules):
