@@ -15,8 +15,8 @@ prompt that a group's rows share in a pass, model.share_prompts, counts once) is
 (the run's median train/trained_tokens, as rows of 96 tokens, about a quickstart row), logits at every position.
 The target (>= 0.9) is on the floor measured in the run's own process after its last step (common.InRunFloor: the
 run's policy and optimizer, the engine still resident); the floor in a fresh process without an engine, the model
-loaded as the run loads it (dtype, gradient checkpointing), is printed next to it, the difference being what the
-resident engine costs a pass.
+loaded as the run loads it (dtype, gradient checkpointing) under the run's allocator setting, is printed next to it,
+the difference being what the resident engine costs a pass.
 Peak memory is the training's maximum resident set (the engine runs in the trainer's process), shown against the sum
 of the parts measured in the same run (common.PhaseRecorder.parts_gb): runtime, engine, weights, gradients, AdamW
 state and one micro-batch's activations; the rest is what the allocator holds beyond them.
@@ -63,10 +63,15 @@ def step_parts(algorithm: str, steps: int, root: Path, extra: list[str]) -> tupl
 
 def fresh_process_floor(run: Path, tokens: int) -> float:
     """The dense floor (common.dense_step_tokens_per_s) in this process, without a rollout engine: the run's model
-    loaded as the run loaded it (its hparams.yaml), a new AdamW."""
+    loaded as the run loaded it (its hparams.yaml), a new AdamW, and the run's allocator setting (the engine fixes
+    malloc's mmap threshold when it starts; with glibc's own, rising one a 1000-token floor measured 174-193 tokens/s
+    against 158-159 on 2026-12-02, with a quarter of the page faults, docs/benchmarks.md)."""
     import torch
 
+    from cipo_lightning.memory import return_large_blocks_to_os
     from cipo_lightning.module import CIPOModule
+
+    return_large_blocks_to_os()
 
     hparams = yaml.safe_load((run / "hparams.yaml").read_text())
     module = CIPOModule(model=hparams["model"], gradient_checkpointing=hparams["gradient_checkpointing"])
