@@ -94,7 +94,8 @@ class VLLMEngine(RolloutEngine):
         """
         Args:
             dtype: dtype of the engine's weights; the trainer's weights are cast when pushed. On CPUs without
-                avx512_bf16, float32 generates about 3x faster than bfloat16 (vLLM falls back to plain torch linear).
+                avx512_bf16, float32 generates about 3x faster than bfloat16 (vLLM falls back to plain torch linear);
+                on one with avx512_bf16 and AMX bfloat16 decoded 1.6x faster (docs/benchmarks.md).
             gpu_memory_utilization: share of accelerator memory for weights and KV cache (colocated with training,
                 so leave room for it). On the CPU backend it is a share of the machine's memory: 0.2-0.3 works,
                 vLLM's 0.92 does not. Ignored when kv_cache_memory_gb is set.
