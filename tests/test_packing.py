@@ -39,12 +39,15 @@ def _causal_only_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
 
 
-def test_the_load_check_refuses_attention_that_reads_across_rows(tiny_model):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_load_check_refuses_attention_that_reads_across_rows(tiny_model, dtype):
     from transformers import AttentionInterface
 
     AttentionInterface.register("causal_only", _causal_only_attention)
     module = CIPOModule(model=tiny_model, gradient_checkpointing=False, pack_sequences=True, share_prompts=None)
-    module.configure_model()  # sdpa passes
+    module.configure_model()
+    module.policy.to(dtype)
+    assert module._choose_packing() and module._choose_sharing()  # sdpa passes, within the dtype's tolerance
     module.policy.set_attn_implementation("causal_only")
     assert not module._choose_sharing()  # None: off, with the reason logged
     with pytest.raises(ConfigError, match=r"model.pack_sequences true: packed log-probs differ from each row's alone"):
