@@ -587,16 +587,17 @@ class CIPOModule(L.LightningModule):
 def _padded_token_logprobs(
     model: torch.nn.Module, batch: RolloutBatch, entropy_grad: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """token_logprobs on the rows as laid out: padded to the longest prompt and completion, logits for the last
-    completion_width + 1 positions."""
-    width = batch.completion_mask.shape[1]
+    """token_logprobs on the rows as laid out: padded to the longest prompt and completion, logits at the
+    completion_width positions that predict a completion token (indices, not a slice of more logits: slicing a
+    vocabulary-sized tensor costs a gradient of its whole size)."""
+    width, length = batch.completion_mask.shape[1], batch.input_ids.shape[1]
     logits = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
-        logits_to_keep=width + 1,
+        logits_to_keep=torch.arange(length - width - 1, length - 1, device=batch.input_ids.device),
         use_cache=False,
-    ).logits[:, :-1]
+    ).logits
     return sampled_token_logprobs_and_entropy(logits, batch.completion_ids, batch.temperature, entropy_grad)
 
 
@@ -619,7 +620,7 @@ def _packed_token_logprobs(
         attention_mask=mask,
         logits_to_keep=packed.keep,
         use_cache=False,
-    ).logits[0]
+    ).logits.squeeze(0)  # a view: indexing [0] would cost a gradient of the whole [1, positions, vocab]
     logprobs, entropy = sampled_token_logprobs_and_entropy(logits, packed.targets, batch.temperature, entropy_grad)
     shape, index = batch.completion_mask.shape, (packed.rows, packed.cols)
     return logprobs.new_zeros(shape).index_put(index, logprobs), entropy.new_zeros(shape).index_put(index, entropy)

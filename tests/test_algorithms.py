@@ -148,6 +148,48 @@ def test_sampled_token_logprobs_and_entropy_match_naive_loop():
             assert math.isclose(entropy[i, t].item(), -sum(p * math.log(p) for p in probs), abs_tol=1e-5)
 
 
+def _composed_logprobs_and_entropy(logits, tokens, temperature):
+    """The same quantities composed from torch ops, differentiated by autograd (the reference for the fused node)."""
+    scaled = logits / temperature
+    lse = torch.logsumexp(scaled, dim=-1)
+    logprobs = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+    return logprobs, lse - (torch.softmax(scaled, dim=-1) * scaled).sum(-1)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 11), (6, 11)], ids=["rows x tokens", "packed positions"])
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_logprob_and_entropy_gradients_match_autograd(shape, entropy_grad):
+    """The hand-written backward against autograd through the composed ops, in float64: the logits' gradient for a
+    loss on the log-probs and, with entropy_grad, on the entropy as well."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(shape, dtype=torch.float64)).requires_grad_()
+    tokens = torch.randint(0, shape[-1], shape[:-1])
+    logprob_weights, entropy_weights = torch.randn(shape[:-1], dtype=torch.float64), torch.randn(shape[:-1])
+
+    def logits_grad(function):
+        logits.grad = None
+        logprobs, entropy = function(logits, tokens, 0.7)
+        loss = (logprobs * logprob_weights).sum()
+        if entropy_grad:
+            loss = loss + (entropy * entropy_weights).sum()
+        loss.backward()
+        return logprobs.detach(), entropy.detach(), logits.grad
+
+    fused = logits_grad(lambda *args: sampled_token_logprobs_and_entropy(*args, entropy_grad=entropy_grad))
+    for got, expected in zip(fused, logits_grad(_composed_logprobs_and_entropy), strict=True):
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_logprob_gradient_keeps_the_logits_dtype_and_refuses_a_second_backward():
+    logits = torch.randn(5, 9, dtype=torch.bfloat16, requires_grad=True)
+    logprobs, _ = sampled_token_logprobs_and_entropy(logits, torch.arange(5), 1.0)
+    logprobs.sum().backward(retain_graph=True)
+    assert logits.grad.dtype == torch.bfloat16
+    # The backward wrote the gradient over its saved probabilities: a second pass must fail, not return garbage.
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logprobs.sum().backward()
+
+
 def test_masked_sum():
     assert masked_sum(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 0.0], [1.0, 1.0]])).item() == 8.0
 

@@ -19,15 +19,59 @@ def sampled_token_logprobs_and_entropy(
     """log p(token) under softmax(logits / T), and the entropy of that distribution, per position.
 
     Logits are divided by the sampling temperature so the trainer scores tokens under the distribution the engine
-    sampled from, as TRL and verl do. logsumexp instead of log_softmax avoids a second [rows, tokens, vocab] tensor.
-    The entropy is detached unless `entropy_grad` (an entropy bonus needs its gradient).
+    sampled from, as TRL and verl do. The entropy is detached unless `entropy_grad` (an entropy bonus needs its
+    gradient). One autograd node (_TokenLogProbsAndEntropy) with a hand-written backward instead of autograd's
+    composition of torch ops, see there for why.
     """
-    logits = logits.float() / temperature
-    lse = torch.logsumexp(logits, dim=-1)
-    logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logprobs, entropy
+    return _TokenLogProbsAndEntropy.apply(logits, tokens, temperature, entropy_grad)
+
+
+class _TokenLogProbsAndEntropy(torch.autograd.Function):
+    """sampled_token_logprobs_and_entropy with few [tokens, vocab] tensors.
+
+    Composed from torch ops (divide, logsumexp, gather, softmax) the forward and backward allocate about a dozen
+    tensors of the logits' size (the gather's and the division's gradients, logsumexp's and softmax's own
+    temporaries, their sum); at ~290 scored tokens of a 49k vocabulary each is 58 MB, which malloc maps fresh and
+    the kernel page-faults in, and on the 2-core CPU machine they were a fifth of a policy pass (docs/benchmarks.md).
+    Here the forward allocates the scaled logits and the probabilities, keeps only the probabilities (and the scaled
+    logits when the entropy needs a gradient), and the backward writes the logits' gradient into the probabilities'
+    storage: d log p(t) / dz = (onehot(t) - p) / T and d H / dz = -p (z / T - logsumexp + H) / T. The graph cannot be
+    backpropagated twice (autograd then reports the in-place change of a saved tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, entropy_grad: bool) -> tuple[Tensor, Tensor]:
+        scaled = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # 16-bit logits in fp32
+        row_max = scaled.amax(-1, keepdim=True)
+        probs = torch.sub(scaled, row_max).exp_()
+        total = probs.sum(-1, keepdim=True)
+        lse = (row_max + total.log()).squeeze(-1)
+        probs.div_(total)
+        logprobs = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+        # p * z / T in the scaled logits' storage unless the backward needs them (a batched dot product would
+        # allocate nothing either, but it sums 49k terms 5-40x less accurately than torch's sum).
+        weighted = scaled * probs if entropy_grad else scaled.mul_(probs)
+        entropy = lse - weighted.sum(-1)
+        ctx.temperature, ctx.entropy_grad, ctx.logits_dtype = temperature, entropy_grad, logits.dtype
+        ctx.save_for_backward(probs, tokens, lse - entropy if entropy_grad else None, scaled if entropy_grad else None)
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logprobs: Tensor | None, grad_entropy: Tensor | None) -> tuple[Tensor, None, None, None]:
+        probs, tokens, shift, scaled = ctx.saved_tensors
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(tokens, dtype=probs.dtype)
+        if ctx.entropy_grad and grad_entropy is not None:
+            # -p * (g_logp + g_H * (z / T - (logsumexp - H))) for every vocabulary entry.
+            coef = scaled.sub_(shift.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1)).add_(grad_logprobs.unsqueeze(-1))
+            grad = probs.mul_(coef).neg_()
+        else:
+            grad = probs.mul_(-grad_logprobs.unsqueeze(-1))
+        grad.scatter_add_(-1, tokens.unsqueeze(-1), grad_logprobs.unsqueeze(-1))
+        return grad.div_(ctx.temperature).to(ctx.logits_dtype), None, None, None
 
 
 def sequence_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:

@@ -1,8 +1,8 @@
 """The tensors one RL step trains on, laid out so completions share columns.
 
 Each row is [left padding][prompt][completion][right padding], with every prompt ending at the same column. The
-completion of every row then starts at column `prompt_width`, so the model's logits are needed only for the last
-`completion_width + 1` positions (`logits_to_keep`), and all per-token tensors are [rows, completion_width].
+completion of every row then starts at column `prompt_width`, so the model's logits are needed only at the
+`completion_width` positions before the last (`logits_to_keep`), and all per-token tensors are [rows, completion_width].
 
 The same rows can also be fed packed (`RolloutBatch.packed`): every row's real tokens one after the other in a single
 sequence, positions restarting at each row, so the model processes no padding at all; the logits are then taken only
