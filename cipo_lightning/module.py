@@ -16,6 +16,7 @@ from typing import Any, Literal, NamedTuple
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.distributed.tensor import DTensor
@@ -39,6 +40,7 @@ from cipo_lightning.distributed import StepStats, gather_objects, max_over_ranks
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.evaluation import Evaluation
 from cipo_lightning.models import EMBEDDED_MODEL, resolve_model_path
+from cipo_lightning.models.tied_embedding import sparse_tied_embedding_gradient
 from cipo_lightning.rollout.batch import CORRECTION_STREAM, STREAM_NAMES, RolloutBatch, collate_rollouts
 from cipo_lightning.rollout.engine import Sample
 from cipo_lightning.strategies import FSDP2Strategy
@@ -213,6 +215,9 @@ class CIPOModule(L.LightningModule):
             for model in (self.policy, self.reference):
                 if model is not None:
                     strategy.shard(model)
+        elif strategy is None or isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            # Whole weights only: sharded ones (FSDP's DTensors and flat parameters) have no sparse embedding backward.
+            sparse_tied_embedding_gradient(self.policy)
 
     def _choose_packing(self) -> bool:
         """Whether to feed packed sequences (model.pack_sequences): a packed and a padded forward of two short rows
