@@ -8,8 +8,10 @@ its mmap threshold (which it raises at run time, up to 32 MiB), from mmap; freed
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
+from collections.abc import Iterator
 
 _STATUS_KEYS = ("VmRSS", "VmHWM")
 
@@ -31,8 +33,10 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
-# mallopt's parameter number, from glibc's malloc.h.
+# mallopt's parameter numbers, from glibc's malloc.h, and glibc's default trim threshold.
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_GLIBC_TRIM_THRESHOLD = 128 * 1024
 # Blocks from this size up are mmapped and go back to the OS when freed: activations (a 16 x 94-token micro-batch
 # of SmolLM2-135M has hidden states of 3.5 MB and MLP states of 9 MB), per-layer buffers of vLLM's weight reload.
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -55,3 +59,33 @@ def release_free_heap() -> bool:
     """Return the free pages of every malloc arena to the OS (glibc's malloc_trim); False where glibc is absent."""
     libc = _glibc()
     return libc is not None and bool(libc.malloc_trim(0))
+
+
+# Within keep_freed_blocks: blocks up to this size come from the heap (a step's largest, the logits over a few hundred
+# positions of a 150k vocabulary, are ~200 MB), and the heap is not trimmed below this much free memory.
+KEEP_BLOCKS_UP_TO_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def keep_freed_blocks() -> Iterator[None]:
+    """Inside: memory freed stays in malloc's heap and serves the next allocations. On exit the free heap's pages go
+    back to the OS (release_free_heap) and the thresholds to return_large_blocks_to_os's, whatever they were before
+    (a later block is still carved from a free heap chunk where one fits). Nothing happens where glibc is absent.
+
+    For the policy update: each micro-batch allocates and frees tensors of the same sizes as the last (weight
+    gradients, logits, activations). Mapped afresh, every page of them is faulted in and zeroed by the kernel again,
+    ~1 million page faults a quickstart step on the 2-core CPU machine; reusing the heap's blocks skips that
+    (measured in docs/benchmarks.md). The price is the heap's fragmentation at the update's peak.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BLOCKS_UP_TO_BYTES)
+    libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BLOCKS_UP_TO_BYTES)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+        return_large_blocks_to_os()
+        release_free_heap()

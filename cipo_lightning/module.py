@@ -8,6 +8,7 @@ so fit/validate/test can each call it) rather than `__init__`, so config errors 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from cipo_lightning.data.tasks import Row
 from cipo_lightning.distributed import StepStats, gather_objects, max_over_ranks, sum_over_ranks
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.evaluation import Evaluation
+from cipo_lightning.memory import keep_freed_blocks
 from cipo_lightning.models import EMBEDDED_MODEL, resolve_model_path
 from cipo_lightning.models.tied_embedding import sparse_tied_embedding_gradient
 from cipo_lightning.rollout.batch import CORRECTION_STREAM, STREAM_NAMES, RolloutBatch, collate_rollouts
@@ -312,25 +314,28 @@ class CIPOModule(L.LightningModule):
             self._step_without_update(optimizer, scheduler)
             self.log_dict(self._guard_counts(), on_step=True, on_epoch=False, batch_size=len(batch))
             return
-        # Several updates per batch need the behaviour policy's log-probs fixed before the first one moves it.
-        several_updates = self.hparams.updates_per_batch > 1
-        old_logprobs = self.completion_logprobs(batch, targets) if several_updates else None
-        trained_tokens = 0.0
-        for _ in range(self.hparams.updates_per_batch):
-            optimizer.zero_grad(set_to_none=True)
-            metrics = self.accumulate_policy_gradient(batch, self.manual_backward, old_logprobs, targets)
-            trained_tokens += metrics["train/trained_tokens"]
-            max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
-            grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)).item()
-            metrics["train/grad_norm"] = grad_norm
-            metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-            if not math.isfinite(grad_norm):  # the same on every rank: gradients are reduced before the norm
-                self.skipped_steps += 1
-                self._step_without_update(optimizer, scheduler)
-                break
-            optimizer.step()
-            scheduler.step()
-            self.policy_version += 1
+        # On CPU the micro-batches reuse the memory the previous ones freed instead of page-faulting it in anew;
+        # the heap is given back at the end (memory.keep_freed_blocks).
+        with keep_freed_blocks() if self.device.type == "cpu" else contextlib.nullcontext():
+            # Several updates per batch need the behaviour policy's log-probs fixed before the first one moves it.
+            several_updates = self.hparams.updates_per_batch > 1
+            old_logprobs = self.completion_logprobs(batch, targets) if several_updates else None
+            trained_tokens = 0.0
+            for _ in range(self.hparams.updates_per_batch):
+                optimizer.zero_grad(set_to_none=True)
+                metrics = self.accumulate_policy_gradient(batch, self.manual_backward, old_logprobs, targets)
+                trained_tokens += metrics["train/trained_tokens"]
+                max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
+                grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)).item()
+                metrics["train/grad_norm"] = grad_norm
+                metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+                if not math.isfinite(grad_norm):  # the same on every rank: gradients are reduced before the norm
+                    self.skipped_steps += 1
+                    self._step_without_update(optimizer, scheduler)
+                    break
+                optimizer.step()
+                scheduler.step()
+                self.policy_version += 1
         metrics["time/optim"] = time.perf_counter() - start
         # All ranks' real tokens through forward and backward per second of the optim phase (the benchmarks compare
         # it with the model's dense floor).

@@ -64,3 +64,38 @@ def test_fixed_mmap_threshold_returns_freed_blocks_without_a_trim() -> None:
     default_freed, _ = _freed_and_after(2 * MB, setup=raise_threshold)
     fixed_freed, _ = _freed_and_after(2 * MB, setup="return_large_blocks_to_os()\n" + raise_threshold)
     assert default_freed - fixed_freed > 150
+
+
+# Allocates, writes and frees a 50 MB block 5 times under the fixed 1 MiB threshold, then 5 times inside
+# keep_freed_blocks; prints the page faults of each, and the RSS in MB with a freed 200 MB block inside and on leaving.
+_REUSED = """
+import resource
+from cipo_lightning.memory import keep_freed_blocks, resident_memory, return_large_blocks_to_os
+
+def faults(rounds):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):
+        block = b"x" * (50 * 2**20)  # written, so every page is touched (calloc would skip fresh mapped pages)
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+return_large_blocks_to_os()
+mapped = faults(5)
+with keep_freed_blocks():
+    inside = faults(5)
+    big = b"x" * (200 * 2**20)
+    pin = b"x" * 2**20  # keeps the freed 200 MB off the heap's top, which free() would trim by itself
+    del big
+    held = resident_memory()[0] >> 20
+print(mapped, inside, held, resident_memory()[0] >> 20)
+"""
+
+
+@needs_glibc
+def test_keep_freed_blocks_reuses_memory_inside_and_returns_it_on_exit() -> None:
+    result = subprocess.run([sys.executable, "-c", _REUSED], capture_output=True, text=True, check=True)
+    mapped, inside, held, released = (int(value) for value in result.stdout.split())
+    pages = 50 * MB // 4096
+    assert mapped > 5 * pages * 0.9  # each round's block mapped and faulted in anew
+    assert inside < 2 * pages  # the first round faults the block in, the next four reuse it
+    assert held - released > 150  # the freed 200 MB stayed resident inside and went back on exit
