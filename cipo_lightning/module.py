@@ -272,8 +272,10 @@ class CIPOModule(L.LightningModule):
         return False
 
     def configure_optimizers(self):
+        # fused: one kernel over all parameters (TRL's default too). The for-loop fallback allocates temporaries of
+        # each parameter's size: 0.65 s against 0.085 s in a quickstart step on the 2-core CPU (docs/benchmarks.md).
         optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+            self.policy.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, fused=True
         )
         warmup = self.hparams.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
