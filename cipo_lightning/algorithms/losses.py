@@ -32,7 +32,7 @@ class _TokenLogProbsAndEntropy(torch.autograd.Function):
     Composed from torch ops (divide, logsumexp, gather, softmax) the forward and backward allocate about a dozen
     tensors of the logits' size (the gather's and the division's gradients, logsumexp's and softmax's own
     temporaries, their sum); at ~290 scored tokens of a 49k vocabulary each is 58 MB, which malloc maps fresh and
-    the kernel page-faults in, and on the 2-core CPU machine they were a fifth of a policy pass (docs/benchmarks.md).
+    the kernel page-faults in: 95-108 ms an op on the 2-core CPU machine, ~10x its arithmetic (docs/benchmarks.md).
     Here the forward allocates the scaled logits and the probabilities, keeps only the probabilities (and the scaled
     logits when the entropy needs a gradient), and the backward writes the logits' gradient into the probabilities'
     storage: d log p(t) / dz = (onehot(t) - p) / T and d H / dz = -p (z / T - logsumexp + H) / T. The graph cannot be
