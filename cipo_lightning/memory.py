@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import re
 from collections.abc import Iterator
 
@@ -24,8 +25,10 @@ def resident_memory() -> tuple[int, int]:
     return rss, peak
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The C library if it is glibc (it has mallopt and malloc_trim), else None (musl, macOS: nothing to tune)."""
+    """The C library if it is glibc (it has mallopt and malloc_trim), else None (musl, macOS: nothing to tune); loaded
+    once, since the RL step calls it several times."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -222,9 +222,9 @@ class CIPOModule(L.LightningModule):
             sparse_tied_embedding_gradient(self.policy)
 
     def _choose_packing(self) -> bool:
-        """Whether to feed packed sequences (model.pack_sequences): a packed and a padded forward of two short rows
-        must give the same log-probs. Models whose attention ignores restarting position ids (it would attend across
-        rows) fail it and are trained padded."""
+        """Whether to feed packed sequences (model.pack_sequences): two short rows packed into one sequence must give
+        the log-probs each row gives fed alone. Models whose attention ignores restarting position ids (it would
+        attend across rows) fail it and are trained padded."""
         prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
         return self._packed_layout_check("pack_sequences", prompts, share_prompts=False, what="keep packed rows apart")
 
