@@ -180,8 +180,9 @@ class PhaseRecorder:
 def dense_step_tokens_per_s(policy: Any, optimizer: Any, tokens: int, row_tokens: int = 96, repeats: int = 3) -> float:
     """The dense floor: tokens per second of one optimizer step of `policy` on an unpadded [tokens // row_tokens,
     row_tokens] batch of random tokens (about a quickstart row each), logits at every position; median of `repeats`
-    after a warm-up. The gradients are dropped after each step. Each step runs under the allocator setting of the
-    training's policy update (memory.keep_freed_blocks, its release at the end timed as the update's is)."""
+    after a warm-up. The gradients are dropped after each step. The steps run under the allocator setting of a CPU
+    training run (memory.keep_freed_blocks, which the run keeps from fit start to end; inside a run this one is
+    nested and changes nothing)."""
     import torch
 
     from cipo_lightning.memory import keep_freed_blocks
@@ -189,17 +190,17 @@ def dense_step_tokens_per_s(policy: Any, optimizer: Any, tokens: int, row_tokens
     shape = (max(tokens // row_tokens, 1), row_tokens)
     input_ids = torch.randint(policy.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
     times = []
-    for _ in range(repeats + 1):
-        optimizer.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        with keep_freed_blocks():
+    with keep_freed_blocks():
+        for _ in range(repeats + 1):
+            optimizer.zero_grad(set_to_none=True)
+            start = time.perf_counter()
             logits = policy(input_ids=input_ids, use_cache=False).logits[:, :-1]
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten())
             loss.backward()
             optimizer.step()
-            del logits, loss  # freed inside, as a micro-batch's are
-        times.append(time.perf_counter() - start)
-    optimizer.zero_grad(set_to_none=True)
+            del logits, loss  # freed inside the timed step, as a micro-batch's are
+            times.append(time.perf_counter() - start)
+        optimizer.zero_grad(set_to_none=True)
     return input_ids.numel() / statistics.median(times[1:])
 
 

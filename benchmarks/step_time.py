@@ -63,20 +63,17 @@ def step_parts(algorithm: str, steps: int, root: Path, extra: list[str]) -> tupl
 
 def fresh_process_floor(run: Path, tokens: int) -> float:
     """The dense floor (common.dense_step_tokens_per_s) in this process, without a rollout engine: the run's model
-    loaded as the run loaded it (its hparams.yaml), a new AdamW, and the run's allocator setting (the engine fixes
-    malloc's mmap threshold when it starts; with glibc's own, rising one a 1000-token floor measured 174-193 tokens/s
-    against 158-159 on 2026-12-02, with a quarter of the page faults, docs/benchmarks.md)."""
+    loaded as the run loaded it (its hparams.yaml), a new AdamW of the run's kind, and the run's allocator setting
+    (the floor's steps keep freed blocks, as a CPU run does from fit start; malloc's settings changed the floor by
+    10-20% on 2026-12-02, docs/benchmarks.md)."""
     import torch
 
-    from cipo_lightning.memory import return_large_blocks_to_os
     from cipo_lightning.module import CIPOModule
-
-    return_large_blocks_to_os()
 
     hparams = yaml.safe_load((run / "hparams.yaml").read_text())
     module = CIPOModule(model=hparams["model"], gradient_checkpointing=hparams["gradient_checkpointing"])
     module.configure_model()
-    optimizer = torch.optim.AdamW(module.policy.parameters(), lr=1e-12)
+    optimizer = torch.optim.AdamW(module.policy.parameters(), lr=1e-12, fused=True)  # the run's kind
     return dense_step_tokens_per_s(module.policy, optimizer, tokens)
 
 

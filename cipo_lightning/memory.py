@@ -43,10 +43,13 @@ _GLIBC_TRIM_THRESHOLD = 128 * 1024
 # Blocks from this size up are mmapped and go back to the OS when freed: activations (a 16 x 94-token micro-batch
 # of SmolLM2-135M has hidden states of 3.5 MB and MLP states of 9 MB), per-layer buffers of vLLM's weight reload.
 MMAP_THRESHOLD_BYTES = 1 << 20
+# How many keep_freed_blocks are active: the setting is the process's, so only the outermost one restores it.
+_kept = 0
 
 
 def return_large_blocks_to_os() -> bool:
-    """Fix glibc's mmap threshold at MMAP_THRESHOLD_BYTES (for the rest of the process); False where glibc is absent.
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD_BYTES (for the rest of the process); False where glibc is absent
+    or while keep_freed_blocks is active (it is set again when the last one exits).
 
     glibc starts at 128 KiB but raises the threshold to the size of each mmapped block that is freed, up to 32 MiB;
     after the first training step nearly every activation then comes from the heap, and freed heap memory stays
@@ -55,13 +58,15 @@ def return_large_blocks_to_os() -> bool:
     turns off the dynamic adjustment.
     """
     libc = _glibc()
-    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return libc is not None and not _kept and bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def release_free_heap() -> bool:
-    """Return the free pages of every malloc arena to the OS (glibc's malloc_trim); False where glibc is absent."""
+    """Return the free pages of every malloc arena to the OS (glibc's malloc_trim); False where glibc is absent or
+    while keep_freed_blocks is active (the rollout engine trims around each generation and weight sync; a CPU
+    training run keeps those pages for its next micro-batches instead)."""
     libc = _glibc()
-    return libc is not None and bool(libc.malloc_trim(0))
+    return libc is not None and not _kept and bool(libc.malloc_trim(0))
 
 
 # Within keep_freed_blocks: blocks up to this size come from the heap (a step's largest, the logits over a few hundred
@@ -71,24 +76,31 @@ KEEP_BLOCKS_UP_TO_BYTES = 256 << 20
 
 @contextlib.contextmanager
 def keep_freed_blocks() -> Iterator[None]:
-    """Inside: memory freed stays in malloc's heap and serves the next allocations. On exit the free heap's pages go
-    back to the OS (release_free_heap) and the thresholds to return_large_blocks_to_os's, whatever they were before
-    (a later block is still carved from a free heap chunk where one fits). Nothing happens where glibc is absent.
+    """Inside: memory freed stays in malloc's heap and serves the next allocations, and release_free_heap does
+    nothing. When the outermost one exits, the free heap's pages go back to the OS and the thresholds to
+    return_large_blocks_to_os's, whatever they were before (a later block is still carved from a free heap chunk
+    where one fits). Nothing happens where glibc is absent.
 
-    For the policy update: each micro-batch allocates and frees tensors of the same sizes as the last (weight
-    gradients, logits, activations). Mapped afresh, every page of them is faulted in and zeroed by the kernel again,
-    ~1 million page faults a quickstart step on the 2-core CPU machine; reusing the heap's blocks skips that
-    (measured in docs/benchmarks.md). The price is the heap's fragmentation at the update's peak.
+    For a training run on CPU (CIPOModule keeps it from fit start to teardown): every micro-batch allocates and frees
+    tensors of the sizes of the last one's (weight gradients, logits, activations), and every step those of the last
+    step's rollout and weight sync. Mapped afresh, each page of them is faulted in and zeroed by the kernel again; on
+    the 2-core CPU machine that was ~1 million page faults a quickstart step with a fixed 1 MiB threshold, and 0.3
+    million with the heap kept through the update alone but trimmed around each generation and weight sync (measured
+    in docs/benchmarks.md). The price is the heap's fragmentation at the run's peak.
     """
+    global _kept
     libc = _glibc()
     if libc is None:
         yield
         return
     libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BLOCKS_UP_TO_BYTES)
     libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BLOCKS_UP_TO_BYTES)
+    _kept += 1
     try:
         yield
     finally:
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
-        return_large_blocks_to_os()
-        release_free_heap()
+        _kept -= 1
+        if not _kept:
+            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+            return_large_blocks_to_os()
+            release_free_heap()

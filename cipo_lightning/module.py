@@ -185,6 +185,8 @@ class CIPOModule(L.LightningModule):
         self.noop_steps = 0
         self.skipped_steps = 0
         self._rng_states: list[dict[str, Any]] | None = None
+        # Open from fit start to fit end when training on CPU (memory.keep_freed_blocks).
+        self._kept_heap = contextlib.ExitStack()
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -316,28 +318,25 @@ class CIPOModule(L.LightningModule):
             self._step_without_update(optimizer, scheduler)
             self.log_dict(self._guard_counts(), on_step=True, on_epoch=False, batch_size=len(batch))
             return
-        # On CPU the micro-batches reuse the memory the previous ones freed instead of page-faulting it in anew;
-        # the heap is given back at the end (memory.keep_freed_blocks).
-        with keep_freed_blocks() if self.device.type == "cpu" else contextlib.nullcontext():
-            # Several updates per batch need the behaviour policy's log-probs fixed before the first one moves it.
-            several_updates = self.hparams.updates_per_batch > 1
-            old_logprobs = self.completion_logprobs(batch, targets) if several_updates else None
-            trained_tokens = 0.0
-            for _ in range(self.hparams.updates_per_batch):
-                optimizer.zero_grad(set_to_none=True)
-                metrics = self.accumulate_policy_gradient(batch, self.manual_backward, old_logprobs, targets)
-                trained_tokens += metrics["train/trained_tokens"]
-                max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
-                grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)).item()
-                metrics["train/grad_norm"] = grad_norm
-                metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-                if not math.isfinite(grad_norm):  # the same on every rank: gradients are reduced before the norm
-                    self.skipped_steps += 1
-                    self._step_without_update(optimizer, scheduler)
-                    break
-                optimizer.step()
-                scheduler.step()
-                self.policy_version += 1
+        # Several updates per batch need the behaviour policy's log-probs fixed before the first one moves it.
+        several_updates = self.hparams.updates_per_batch > 1
+        old_logprobs = self.completion_logprobs(batch, targets) if several_updates else None
+        trained_tokens = 0.0
+        for _ in range(self.hparams.updates_per_batch):
+            optimizer.zero_grad(set_to_none=True)
+            metrics = self.accumulate_policy_gradient(batch, self.manual_backward, old_logprobs, targets)
+            trained_tokens += metrics["train/trained_tokens"]
+            max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
+            grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)).item()
+            metrics["train/grad_norm"] = grad_norm
+            metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+            if not math.isfinite(grad_norm):  # the same on every rank: gradients are reduced before the norm
+                self.skipped_steps += 1
+                self._step_without_update(optimizer, scheduler)
+                break
+            optimizer.step()
+            scheduler.step()
+            self.policy_version += 1
         metrics["time/optim"] = time.perf_counter() - start
         # All ranks' real tokens through forward and backward per second of the optim phase (the benchmarks compare
         # it with the model's dense floor).
@@ -587,6 +586,15 @@ class CIPOModule(L.LightningModule):
         counts = checkpoint.get("guard_counts", {})
         self.noop_steps, self.skipped_steps = counts.get("noop_steps", 0), counts.get("skipped_steps", 0)
         self._rng_states = checkpoint.get("rng_states")
+
+    def on_fit_start(self) -> None:
+        # On CPU freed memory stays in malloc's heap for the whole run: each micro-batch, generation and weight sync
+        # reuses the blocks the last one freed instead of page-faulting them in anew (memory.keep_freed_blocks).
+        if self.device.type == "cpu":
+            self._kept_heap.enter_context(keep_freed_blocks())
+
+    def on_fit_end(self) -> None:
+        self._kept_heap.close()
 
     def on_train_start(self) -> None:
         # Restored here, after everything that runs between the checkpoint load and the first step (engine start,

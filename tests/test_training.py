@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from cipo_lightning.data import ReasoningGymTask, RolloutDataModule
+from cipo_lightning.memory import _glibc, release_free_heap
 from cipo_lightning.module import CIPOModule
 from cipo_lightning.rollout import HFEngine, RolloutCallback
 from tests.helpers import HalfInformativeReward, ParityReward
@@ -55,7 +56,9 @@ def _fit_hf(
 
     class Recorder(L.Callback):
         def on_train_batch_end(self, trainer, *args):
-            logged.append({k: v.item() for k, v in trainer.callback_metrics.items()})
+            # Whether the heap could be given back now: never inside a CPU run (memory.keep_freed_blocks).
+            heap_released = float(release_free_heap())
+            logged.append({k: v.item() for k, v in trainer.callback_metrics.items()} | {"heap_released": heap_released})
 
     trainer = L.Trainer(
         accelerator="cpu",
@@ -77,6 +80,9 @@ def test_hf_engine_parameters_change_and_rollouts_are_on_policy(tiny_model):
     assert _changed(policy, _initial_weights(tiny_model)), "no parameter changed after 3 steps"
     assert all(step["train/grad_norm"] > 0 for step in logged)
     assert all(step["train/logp_mismatch"] < 1e-4 for step in logged)
+    # The run kept freed blocks in malloc's heap from fit start to fit end, and let go at the end.
+    assert all(step["heap_released"] == 0 for step in logged)
+    assert release_free_heap() == (_glibc() is not None)
 
 
 def test_packed_token_budget_steps_are_on_policy_without_padding(tiny_model):
