@@ -81,7 +81,7 @@ def keep_freed_blocks() -> Iterator[None]:
     return_large_blocks_to_os's, whatever they were before (a later block is still carved from a free heap chunk
     where one fits). Nothing happens where glibc is absent.
 
-    For a training run on CPU (CIPOModule keeps it from fit start to teardown): every micro-batch allocates and frees
+    For a training run on CPU (CIPOModule keeps it from fit start to fit end): every micro-batch allocates and frees
     tensors of the sizes of the last one's (weight gradients, logits, activations), and every step those of the last
     step's rollout and weight sync. Mapped afresh, each page of them is faulted in and zeroed by the kernel again; on
     the 2-core CPU machine that was ~1 million page faults a quickstart step with a fixed 1 MiB threshold, and 0.3

@@ -202,7 +202,9 @@ class VLLMEngine(RolloutEngine):
                 "rollout.max_new_tokens, or cap prompts with data.max_prompt_tokens. Out of memory: lower "
                 "rollout.engine.init_args.kv_cache_memory_gb or gpu_memory_utilization, or data.prompts_per_step."
             ) from err
-        release_free_heap()  # the generation's buffers, before training allocates its activations
+        # The generation's buffers, before training allocates its activations (nothing inside a CPU training run,
+        # which keeps them for its next use: memory.keep_freed_blocks).
+        release_free_heap()
         return [[self._to_sample(c) for c in out.outputs] for out in outputs]
 
     @staticmethod
