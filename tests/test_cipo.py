@@ -1,5 +1,6 @@
 """CIPO end to end on a tiny random model with the transformers engine: the correction stream is built from the
-model's own attempts, verified, shaped and trained on; grpo generates no corrections; rho survives a resume."""
+model's own attempts, verified, shaped and trained on; grpo generates no corrections; rho survives a resume; with
+anchors_from_previous_step both streams share one engine call and a resume keeps the anchors' groups."""
 
 import json
 import math
@@ -29,11 +30,16 @@ class RecordingEngine(HFEngine):
     def __init__(self) -> None:
         super().__init__()
         self.calls = []
+        self.engine_calls = []  # (prompts, n) of each request, per call of generate_many
 
     def generate(self, prompts, sampling):
         samples = super().generate(prompts, sampling)
         self.calls.append((prompts, sampling.n, samples))
         return samples
+
+    def generate_many(self, requests):
+        self.engine_calls.append([(len(prompts), sampling.n) for prompts, sampling in requests])
+        return super().generate_many(requests)
 
 
 class RecordingModule(CIPOModule):
@@ -211,3 +217,79 @@ def test_max_model_len_must_hold_the_longest_correction_prompt(tiny_model):
 def test_top_p_below_one_warns_that_log_probs_are_renormalised():
     with pytest.warns(UserWarning, match="top_p 0.9 < 1"):
         RolloutCallback(HFEngine(), top_p=0.9)
+
+
+def _records(root):
+    return [json.loads(line) for line in (root / "version_0" / "correction_samples.jsonl").open()]
+
+
+def test_anchors_from_the_previous_step_share_the_base_engine_call(tiny_model, tmp_path):
+    module, engine, _, logged, _ = _fit(tiny_model, tmp_path, steps=3, anchors_from_previous_step=True)
+    tokenizer = module.tokenizer
+    # Step 0 has no previous groups: base call, then the corrections of its own anchors. Later steps: one call.
+    base, corrections = (PROMPTS, GROUP_SIZE), (ANCHORS, CORRECTION_GROUP_SIZE)
+    assert engine.engine_calls == [[base], [corrections], [base, corrections], [base, corrections]]
+    base_texts = [
+        tokenizer.batch_decode([s.token_ids for g in samples for s in g], skip_special_tokens=True)
+        for prompts, n, samples in engine.calls
+        if n == GROUP_SIZE
+    ]
+    records = _records(tmp_path)
+    for step in range(3):
+        anchors = {r["anchor"] for r in records if r["step"] == step}
+        # Step 0 corrects its own attempts; every later step the attempts of the step before.
+        assert anchors and anchors <= set(base_texts[max(step - 1, 0)])
+        batch = module.batches[step]
+        assert (batch.streams == CORRECTION_STREAM).sum() == ANCHORS * CORRECTION_GROUP_SIZE
+    # The corrections sampled in step 1's call (the engine's 4th generate) are the ones step 1 trains on.
+    correction_prompts, _, step1_corrections = engine.calls[3]
+    step1_anchors = [r["anchor"] for r in records if r["step"] == 1][::CORRECTION_GROUP_SIZE]
+    assert all(a in tokenizer.decode(p) for a, p in zip(step1_anchors, correction_prompts, strict=True))
+    trained = module.batches[1]
+    rows = trained.streams == CORRECTION_STREAM
+    decoded = [tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(trained.completion_ids[rows],
+               trained.completion_mask[rows], strict=True)]  # fmt: skip
+    assert decoded == tokenizer.batch_decode([s.token_ids for g in step1_corrections for s in g])
+    assert all(step["train/anchors_correct"] + step["train/anchors_failed"] == ANCHORS for step in logged)
+
+
+def test_a_resume_corrects_the_anchors_of_the_step_before_the_checkpoint(tiny_model, tmp_path):
+    module, first, _, _, _ = _fit(tiny_model, tmp_path / "first", steps=2, anchors_from_previous_step=True)
+    (_, n, step1_base) = first.calls[2]  # step 0: base, corrections; step 1: base and corrections in one call
+    assert n == GROUP_SIZE
+    step1_texts = module.tokenizer.batch_decode([s.token_ids for g in step1_base for s in g], skip_special_tokens=True)
+    (checkpoint,) = (tmp_path / "first" / "checkpoints").glob("*.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["callbacks"]["RolloutCallback"]
+    (saved,) = state["previous_groups"]  # one list per rank
+    assert [t for g in saved for t in g["texts"]] == step1_texts
+    _, resumed, _, _, _ = _fit(tiny_model, tmp_path / "second", steps=3, ckpt_path=checkpoint,
+                               anchors_from_previous_step=True)  # fmt: skip
+    # The resumed step 2 samples both streams in one call, and its anchors are step 1's attempts from the checkpoint.
+    assert resumed.engine_calls == [[(PROMPTS, GROUP_SIZE), (ANCHORS, CORRECTION_GROUP_SIZE)]]
+    anchors = {r["anchor"] for r in _records(tmp_path / "second")}
+    assert anchors and anchors <= set(step1_texts)
+
+
+@pytest.mark.slow
+def test_vllm_samples_requests_of_different_n_in_one_call_as_each_alone(tiny_model):
+    """The base groups (n = G) and the corrections (n = G_c) in one LLM.generate call; seeded, every prompt draws
+    the tokens it draws in a call of its own."""
+    from cipo_lightning.rollout import SamplingSettings, VLLMEngine
+
+    engine = VLLMEngine(dtype="float32", kv_cache_memory_gb=0.1, max_model_len=128)
+    engine.start(tiny_model, 0, torch.device("cpu"))
+    base, corrections = [[1, 9690, 198], [1, 4093, 28, 17]], [[1, 2, 3, 4, 5, 6, 7, 8]]
+    base_sampling = SamplingSettings(n=4, max_new_tokens=6, temperature=1.0, seed=5)
+    correction_sampling = SamplingSettings(n=3, max_new_tokens=6, temperature=1.0, seed=5)
+    calls = []
+    generate = engine.llm.generate
+    engine.llm.generate = lambda *args, **kwargs: calls.append(args) or generate(*args, **kwargs)
+    try:
+        together = engine.generate_many([(base, base_sampling), (corrections, correction_sampling)])
+        assert len(calls) == 1
+        alone = [engine.generate(base, base_sampling), engine.generate(corrections, correction_sampling)]
+    finally:
+        engine.shutdown()
+    tokens = [[[s.token_ids for s in samples] for samples in request] for request in together]
+    assert [[len(group) for group in request] for request in tokens] == [[4, 4], [3]]
+    assert tokens == [[[s.token_ids for s in samples] for samples in request] for request in alone]

@@ -206,11 +206,16 @@ def test_sigterm_mid_step_saves_a_checkpoint_and_the_resume_matches_the_uninterr
 
 
 @pytest.mark.slow
-def test_sigterm_under_ddp_stops_every_rank_at_the_same_step_and_resumes_exactly(tiny_model, tmp_path):
+@pytest.mark.parametrize("previous_anchors", [False, True], ids=["own_anchors", "previous_anchors"])
+def test_sigterm_under_ddp_stops_every_rank_at_the_same_step_and_resumes_exactly(
+    tiny_model, tmp_path, previous_anchors
+):
     """Two DDP ranks on the CPU (gloo): SIGTERM to the launching rank mid-step (Lightning passes it to the other);
-    both save the same step's checkpoint and exit, nothing is left, and the resume matches the uninterrupted run."""
+    both save the same step's checkpoint and exit, nothing is left, and the resume matches the uninterrupted run.
+    With rollout.anchors_from_previous_step each rank's last base groups are in the checkpoint and come back to it."""
     steps = 4
-    ddp = ("--config", "configs/strategy/ddp.yaml", "--trainer.devices", "2")
+    ddp = ("--config", "configs/strategy/ddp.yaml", "--trainer.devices", "2",
+           "--rollout.anchors_from_previous_step", str(previous_anchors).lower())  # fmt: skip
     whole = _cli("fit", *_preemptible_args(tiny_model, tmp_path / "whole", steps, *ddp))
     assert whole.returncode == 0, whole.stderr[-3000:]
     expected = {row["step"]: row for row in _read_metrics(tmp_path / "whole" / "version_0")}

@@ -80,6 +80,13 @@ def test_server_samples_with_policy_logprobs_and_takes_pushed_weights(server, ti
     assert [[s.token_ids for s in g] for g in engine.generate(prompts, sampling)] == [
         [s.token_ids for s in g] for g in first
     ]
+    # Requests of different n in one call (CIPO's corrections with the base groups): each draws what it draws alone.
+    fewer = SamplingSettings(n=2, max_new_tokens=6, temperature=0.7, seed=11)
+    together = engine.generate_many([(prompts, sampling), (prompts[:1], fewer)])
+    alone = [first, engine.generate(prompts[:1], fewer)]
+    assert [[[s.token_ids for s in g] for g in request] for request in together] == [
+        [[s.token_ids for s in g] for g in request] for request in alone
+    ]
 
     # All-zero weights: every token equally likely, whatever the prompt.
     state = model.state_dict()

@@ -13,7 +13,9 @@ With `algorithm: cipo` the step also runs the correction stream (docs/cipo.md; r
 to bottom): anchors are chosen from the scored base groups with the AdaptiveReplay callback's rho, the model is shown
 each anchor attempt and samples correction_group_size corrections with the same engine and weights, the task's
 verifier scores them, and the RiskShaping callback's advantage shift is attached. Base and correction groups go to
-the loss in one batch with a stream label per row. `algorithm: grpo` runs the same code with that stream off.
+the loss in one batch with a stream label per row. `algorithm: grpo` runs the same code with that stream off. With
+`anchors_from_previous_step` the anchors come from the previous step's groups instead, so their corrections are
+sampled in the same engine call as this step's base groups.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import random
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +34,7 @@ from lightning.pytorch.loggers import WandbLogger
 from cipo_lightning.algorithms import group_stats
 from cipo_lightning.algorithms.cipo import DEFAULT_CORRECTION_TEMPLATE, check_correction_template, correction_messages
 from cipo_lightning.data.tasks import Row, Task, prompt_token_ids
-from cipo_lightning.distributed import StepStats, max_over_ranks
+from cipo_lightning.distributed import StepStats, gather_objects, max_over_ranks
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.rollout.batch import (
     BASE_STREAM,
@@ -68,6 +71,7 @@ class RolloutCallback(L.Callback):
         sample_table_every_n_steps: int = 10,
         reproducible_sampling: bool = False,
         correct_threshold: float = 1.0,
+        anchors_from_previous_step: bool = False,
     ) -> None:
         """
         Args:
@@ -99,6 +103,12 @@ class RolloutCallback(L.Callback):
             correct_threshold: a reward at or above this counts as correct, everywhere "correct" is decided: pass
                 rates and the anchor band, correct and failed anchors, retention, risk shaping, i->c and c->i,
                 train/accuracy and evaluation. 1.0 suits binary verifiers; lower it for partial-credit rewards.
+            anchors_from_previous_step: under cipo, take each step's anchors from the previous step's scored base
+                groups and sample their corrections in the same engine call as this step's base groups: one decode
+                loop a step instead of two (vLLM decodes both streams together). The anchors are then one update
+                old; the corrections are sampled with this step's weights, on-policy as before. The first step has
+                no previous groups and takes its own. Checkpoints keep the groups, so a resumed run corrects what
+                the uninterrupted one would. Off by default: docs/cipo.md's step takes anchors from its own groups.
         """
         if group_size < 2:
             raise ConfigError(
@@ -150,7 +160,11 @@ class RolloutCallback(L.Callback):
         self.sample_table_every_n_steps = sample_table_every_n_steps
         self.reproducible_sampling = reproducible_sampling
         self.correct_threshold = correct_threshold
+        self.anchors_from_previous_step = anchors_from_previous_step
         self.corrections: CorrectionStream | None = None  # built at fit start under cipo
+        # Under anchors_from_previous_step: the last step's base groups, and every rank's as restored from a checkpoint.
+        self._previous_groups: list[ScoredGroup] = []
+        self._restored_groups: list[list[dict[str, Any]]] | None = None
         self._synced_version: int | None = None
         self._started = False
         self._seed = 0
@@ -185,8 +199,27 @@ class RolloutCallback(L.Callback):
             self._started = True
         return self.engine
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        restored, self._restored_groups = self._restored_groups, None
+        if restored is not None and len(restored) == trainer.world_size:
+            self._previous_groups = [
+                ScoredGroup(g["row"], [], [], g["texts"], g["rewards"]) for g in restored[trainer.global_rank]
+            ]
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.shutdown_engine()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Under anchors_from_previous_step, every rank's last base groups (what anchors need of them: row, texts,
+        rewards), gathered from all ranks. A collective: Lightning asks every rank for the state it checkpoints."""
+        if not self.anchors_from_previous_step:
+            return {}
+        mine = [{"row": g.row, "texts": g.texts, "rewards": g.rewards} for g in self._previous_groups]
+        return {"previous_groups": gather_objects(mine)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Set up per rank at train start, once the world size is known.
+        self._restored_groups = state_dict.get("previous_groups")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Validation during fit keeps the engine for the next training step.
@@ -209,11 +242,12 @@ class RolloutCallback(L.Callback):
         times = {"time/rollout": 0.0, "time/verify": 0.0}
         self.sync_weights(pl_module, times)
         datamodule = trainer.datamodule
-        groups, stats = self.base_groups(pl_module, datamodule, times)
         corrections: list[CorrectionGroup] = []
-        if self.corrections is not None:
+        if self.corrections is None:
+            groups, stats, _ = self.base_groups(pl_module, datamodule, times)
+        else:
             times["time/correction_rollout"] = 0.0
-            corrections = self.correction_groups(pl_module, datamodule.task, groups, trainer.global_step, times)
+            groups, corrections, stats = self.both_streams(pl_module, datamodule, trainer.global_step, times)
             stats.update(self.corrections.stats(corrections))
         rollout_batch = collate_groups(
             groups + [c.training_group for c in corrections],
@@ -249,18 +283,24 @@ class RolloutCallback(L.Callback):
         times["time/weight_sync"] = time.perf_counter() - start
 
     def base_groups(
-        self, pl_module: L.LightningModule, datamodule: Any, times: dict[str, float]
-    ) -> tuple[list[ScoredGroup], StepStats]:
-        """This step's base groups: one per prompt (with dynamic sampling, the informative ones)."""
+        self,
+        pl_module: L.LightningModule,
+        datamodule: Any,
+        times: dict[str, float],
+        also: list[GroupRequest] | None = None,
+    ) -> tuple[list[ScoredGroup], StepStats, list[list[ScoredGroup]]]:
+        """This step's base groups: one per prompt (with dynamic sampling, the informative ones); the requests in
+        `also` are sampled in the first round's engine call, and their groups come third."""
         task = datamodule.task
+        sampling = self.sampling(pl_module, self.group_size)
 
-        def sample(rows: list[Row]) -> list[ScoredGroup]:
-            messages = [row["prompt"] for row in rows]
-            return self.generate_groups(pl_module, task, rows, messages, self.group_size, "time/rollout", times)
+        def sample(rows: list[Row], also: list[GroupRequest]) -> list[list[ScoredGroup]]:
+            requests = [GroupRequest(rows, [row["prompt"] for row in rows], sampling), *also]
+            return sample_scored_requests(self.engine, pl_module.tokenizer, task, requests, times, "time/rollout")
 
-        groups = sample(datamodule.next_prompts())
+        groups, *also_groups = sample(datamodule.next_prompts(), also or [])
         if not self.dynamic_sampling:
-            return groups, StepStats()
+            return groups, StepStats(), also_groups
         sampled, kept, rounds = len(groups), [g for g in groups if g.informative], 1
         # Rounds are decided over all ranks: every rank draws the same number of prompt blocks, so the shared
         # prompt order stays aligned; a rank that already has enough draws its block without sampling it.
@@ -268,25 +308,44 @@ class RolloutCallback(L.Callback):
             rows = datamodule.next_prompts()
             rounds += 1
             if len(kept) < datamodule.prompts_per_step:
-                more = sample(rows)
+                (more,) = sample(rows, [])
                 sampled += len(more)
                 kept += [g for g in more if g.informative]
         stats = StepStats(
             means={"train/informative_group_frac": (len(kept), sampled)}, maxima={"train/generation_rounds": rounds}
         )
-        return kept[: datamodule.prompts_per_step] or groups, stats
+        return kept[: datamodule.prompts_per_step] or groups, stats, also_groups
 
-    def correction_groups(
-        self, pl_module: L.LightningModule, task: Task, base: list[ScoredGroup], step: int, times: dict[str, float]
-    ) -> list[CorrectionGroup]:
-        """The correction stream of this step (rollout/corrections.py). The anchor draw is seeded by (seed, rank,
-        step), so a resumed run draws what the original would."""
+    def both_streams(
+        self, pl_module: L.LightningModule, datamodule: Any, step: int, times: dict[str, float]
+    ) -> tuple[list[ScoredGroup], list[CorrectionGroup], StepStats]:
+        """Base groups and the correction stream (rollout/corrections.py). Anchors come from this step's base groups,
+        their corrections sampled after them; or, under anchors_from_previous_step and once there is a previous
+        step, from the previous step's, their corrections sampled in the base groups' engine call (timed in
+        time/rollout). The anchor draw is seeded by (seed, rank, step), so a resumed run draws what the original
+        would."""
+        rng = random.Random(f"{self._seed}-{step}")
+        sampling = self.sampling(pl_module, self.correction_group_size)
+        previous = self._previous_groups if self.anchors_from_previous_step else []
+        if previous:
+            anchors = self.corrections.select(previous, rng)
+            rows, messages = self.corrections.requests(previous, anchors)
+            also = [GroupRequest(rows, messages, sampling)] if anchors else []
+            groups, stats, scored = self.base_groups(pl_module, datamodule, times, also)
+            corrections = self.corrections.corrected(previous, anchors, scored[0] if anchors else [])
+        else:
+            groups, stats, _ = self.base_groups(pl_module, datamodule, times)
 
-        def sample(rows: list[Row], messages: list[list[dict[str, str]]]) -> list[ScoredGroup]:
-            n = self.correction_group_size
-            return self.generate_groups(pl_module, task, rows, messages, n, "time/correction_rollout", times)
+            def sample(rows: list[Row], messages: list[list[dict[str, str]]]) -> list[ScoredGroup]:
+                return sample_scored_groups(
+                    self.engine, pl_module.tokenizer, datamodule.task, rows, messages, sampling, times,
+                    "time/correction_rollout",
+                )  # fmt: skip
 
-        return self.corrections.run(base, sample, random.Random(f"{self._seed}-{step}"))
+            corrections = self.corrections.run(groups, sample, rng)
+        if self.anchors_from_previous_step:
+            self._previous_groups = groups
+        return groups, corrections, stats
 
     def check_model_len(self, tokenizer: Any, rows: list[Row]) -> None:
         """Stop before any generation when the engine's max_model_len cannot hold the longest base prompt plus
@@ -316,26 +375,16 @@ class RolloutCallback(L.Callback):
                     "rollout.max_new_tokens or data.max_prompt_tokens"
                 )
 
-    def generate_groups(
-        self,
-        pl_module: L.LightningModule,
-        task: Task,
-        rows: list[Row],
-        messages: list[list[dict[str, str]]],
-        n: int,
-        timer: str,
-        times: dict[str, float],
-    ) -> list[ScoredGroup]:
-        """Sample n completions of each prompt (chat `messages`) with the engine and score them against `rows`."""
+    def sampling(self, pl_module: L.LightningModule, n: int) -> SamplingSettings:
+        """How this step samples n completions of a prompt (seeded per step under reproducible_sampling)."""
         step = pl_module.trainer.global_step
-        sampling = SamplingSettings(
+        return SamplingSettings(
             n=n,
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             seed=derived_seed(self._run_seed, [step]) if self.reproducible_sampling else None,
         )
-        return sample_scored_groups(self.engine, pl_module.tokenizer, task, rows, messages, sampling, times, timer)
 
     def write_sample_table(self, trainer: L.Trainer, groups: list[CorrectionGroup]) -> None:
         """Every sample_table_every_n_steps steps: this rank-0 step's corrections to JSONL and to wandb."""
@@ -354,6 +403,15 @@ class RolloutCallback(L.Callback):
                 logger.log_table("train/correction_samples", columns=columns, data=data, step=trainer.global_step)
 
 
+@dataclass(frozen=True)
+class GroupRequest:
+    """Prompts (chat messages) to sample groups of, the task rows their samples are scored against, and how."""
+
+    rows: list[Row]
+    messages: list[list[dict[str, str]]]
+    sampling: SamplingSettings
+
+
 def sample_scored_groups(
     engine: RolloutEngine,
     tokenizer: Any,
@@ -366,21 +424,41 @@ def sample_scored_groups(
 ) -> list[ScoredGroup]:
     """Render `messages` with the chat template, sample `sampling.n` completions of each with `engine`, decode them
     and score them with the task's verifier against `rows[i]`. Adds seconds to times[timer] and times["time/verify"]."""
+    return sample_scored_requests(engine, tokenizer, task, [GroupRequest(rows, messages, sampling)], times, timer)[0]
+
+
+def sample_scored_requests(
+    engine: RolloutEngine,
+    tokenizer: Any,
+    task: Task,
+    requests: list[GroupRequest],
+    times: dict[str, float] | None = None,
+    timer: str = "time/rollout",
+) -> list[list[ScoredGroup]]:
+    """`sample_scored_groups` of several requests in one engine call (`RolloutEngine.generate_many`) and one
+    verifier call; the groups of each request, in request order."""
     times = times if times is not None else {}
-    prompts = [prompt_token_ids(tokenizer, m) for m in messages]
+    prompts = [[prompt_token_ids(tokenizer, m) for m in request.messages] for request in requests]
     start = time.perf_counter()
-    sampled = engine.generate(prompts, sampling)
+    sampled = engine.generate_many([(p, r.sampling) for p, r in zip(prompts, requests, strict=True)])
     times[timer] = times.get(timer, 0.0) + time.perf_counter() - start
 
-    n = sampling.n
-    texts = tokenizer.batch_decode([s.token_ids for group in sampled for s in group], skip_special_tokens=True)
-    start = time.perf_counter()
-    rewards = task.score([row for row in rows for _ in range(n)], texts)
-    times["time/verify"] = times.get("time/verify", 0.0) + time.perf_counter() - start
-    return [
-        ScoredGroup(row, prompt, group, texts[i * n : (i + 1) * n], rewards[i * n : (i + 1) * n])
-        for i, (row, prompt, group) in enumerate(zip(rows, prompts, sampled, strict=True))
+    groups = [
+        (row, prompt, samples)
+        for request, request_prompts, request_sampled in zip(requests, prompts, sampled, strict=True)
+        for row, prompt, samples in zip(request.rows, request_prompts, request_sampled, strict=True)
     ]
+    texts = tokenizer.batch_decode([s.token_ids for _, _, samples in groups for s in samples], skip_special_tokens=True)
+    start = time.perf_counter()
+    rewards = task.score([row for row, _, samples in groups for _ in samples], texts)
+    times["time/verify"] = times.get("time/verify", 0.0) + time.perf_counter() - start
+    scored, offset = [], 0
+    for row, prompt, samples in groups:
+        n = len(samples)
+        scored.append(ScoredGroup(row, prompt, samples, texts[offset : offset + n], rewards[offset : offset + n]))
+        offset += n
+    by_request = iter(scored)
+    return [[next(by_request) for _ in request.rows] for request in requests]
 
 
 def rollout_stats(batch: RolloutBatch, correct_threshold: float = 1.0) -> StepStats:

@@ -58,7 +58,9 @@ class CorrectionGroup:
 
 @dataclass
 class CorrectionStream:
-    """The correction stream's settings and its two callbacks; `run` does steps 1-4 of one step."""
+    """The correction stream's settings and its two callbacks; `run` does steps 1-4 of one step. Its parts
+    `select`, `requests` and `corrected` serve a caller that samples the corrections in one engine call with other
+    prompts (RolloutCallback's anchors_from_previous_step)."""
 
     replay: AdaptiveReplay
     shaping: RiskShaping
@@ -82,8 +84,7 @@ class CorrectionStream:
         anchors = self.select(base, rng)
         if not anchors:
             return []
-        scored = sample([base[a.group].row for a in anchors], self.prompts(base, anchors))
-        return [self.shape(base, anchor, group) for anchor, group in zip(anchors, scored, strict=True)]
+        return self.corrected(base, anchors, sample(*self.requests(base, anchors)))
 
     def select(self, base: list[ScoredGroup], rng: random.Random) -> list[Anchor]:
         return select_anchors(
@@ -96,12 +97,18 @@ class CorrectionStream:
             rng,
         )
 
-    def prompts(self, base: list[ScoredGroup], anchors: list[Anchor]) -> list[list[dict[str, str]]]:
-        """Chat messages of each anchor's correction prompt: its problem and the model's own decoded attempt."""
-        return [
-            correction_messages(base[a.group].row["prompt"], base[a.group].texts[a.sample], self.template)
-            for a in anchors
-        ]
+    def requests(self, base: list[ScoredGroup], anchors: list[Anchor]) -> tuple[list[Row], list[list[dict[str, str]]]]:
+        """Each anchor's original row (what its corrections are verified against) and the chat messages of its
+        correction prompt: the problem and the model's own decoded attempt."""
+        rows = [base[a.group].row for a in anchors]
+        attempts = [base[a.group].texts[a.sample] for a in anchors]
+        return rows, [correction_messages(r["prompt"], a, self.template) for r, a in zip(rows, attempts, strict=True)]
+
+    def corrected(
+        self, base: list[ScoredGroup], anchors: list[Anchor], scored: list[ScoredGroup]
+    ) -> list[CorrectionGroup]:
+        """The anchors' sampled and verified corrections (one group each), shaped."""
+        return [self.shape(base, anchor, group) for anchor, group in zip(anchors, scored, strict=True)]
 
     def shape(self, base: list[ScoredGroup], anchor: Anchor, corrections: ScoredGroup) -> CorrectionGroup:
         anchor_reward = base[anchor.group].rewards[anchor.sample]

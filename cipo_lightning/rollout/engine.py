@@ -64,6 +64,13 @@ class RolloutEngine(ABC):
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:
         """For each prompt (token ids), `sampling.n` samples, in prompt order."""
 
+    def generate_many(self, requests: list[tuple[list[list[int]], SamplingSettings]]) -> list[list[list[Sample]]]:
+        """Several `generate` calls, each (prompts, settings) with its own settings (e.g. its own n); the results in
+        request order. This default runs them one after another. An engine that batches across requests (vLLM)
+        decodes them all in one loop: at a decode step whose cost is reading the weights, a few more sequences cost
+        little, while a second call costs a second loop."""
+        return [self.generate(prompts, sampling) for prompts, sampling in requests]
+
     @abstractmethod
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Replace the engine's weights by the policy's (HF parameter names)."""

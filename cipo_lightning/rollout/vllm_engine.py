@@ -171,9 +171,13 @@ class VLLMEngine(RolloutEngine):
             ) from err
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:
+        return self.generate_many([(prompts, sampling)])[0]
+
+    def generate_many(self, requests: list[tuple[list[list[int]], SamplingSettings]]) -> list[list[list[Sample]]]:
+        """All requests in one `LLM.generate` call: vLLM decodes their sequences together, one loop for all."""
         from vllm import SamplingParams
 
-        def params(seed: int | None) -> SamplingParams:
+        def params(sampling: SamplingSettings, seed: int | None) -> SamplingParams:
             return SamplingParams(
                 n=sampling.n,
                 temperature=sampling.temperature,
@@ -184,8 +188,12 @@ class VLLMEngine(RolloutEngine):
             )
 
         # Seeded: a per-request seed for each prompt (vLLM then draws its samples from their own generator).
-        seed = sampling.seed
-        per_prompt = params(None) if seed is None else [params(derived_seed(seed, p)) for p in prompts]
+        prompts = [p for request_prompts, _ in requests for p in request_prompts]
+        per_prompt = [
+            params(sampling, None if sampling.seed is None else derived_seed(sampling.seed, p))
+            for request_prompts, sampling in requests
+            for p in request_prompts
+        ]
         # vLLM's sampler counts each sampled token's rank with a torch.compile'd function whatever enforce_eager says.
         # On CPU its first call in a new environment has gcc build a precompiled header and a kernel (11 s of the
         # first generation after set-up here), and each new process retraces it (1.5-2.5 s); eagerly it costs about
@@ -195,7 +203,7 @@ class VLLMEngine(RolloutEngine):
             with eager:
                 outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], per_prompt, use_tqdm=False)
         except Exception as err:  # vLLM raises many types; all mean the same to the user
-            longest = max(len(p) for p in prompts) + sampling.max_new_tokens
+            longest = max(len(p) + s.max_new_tokens for request_prompts, s in requests for p in request_prompts)
             raise RuntimeError(
                 f"vLLM failed to generate: {err}. The longest request needs {longest} tokens (prompt + max new "
                 f"tokens) against rollout.engine.init_args.max_model_len {self.max_model_len}; raise it, shorten "
@@ -205,7 +213,8 @@ class VLLMEngine(RolloutEngine):
         # The generation's buffers, before training allocates its activations (nothing inside a CPU training run,
         # which keeps them for its next use: memory.keep_freed_blocks).
         release_free_heap()
-        return [[self._to_sample(c) for c in out.outputs] for out in outputs]
+        samples = iter([[self._to_sample(c) for c in out.outputs] for out in outputs])
+        return [[next(samples) for _ in request_prompts] for request_prompts, _ in requests]
 
     @staticmethod
     def _to_sample(completion) -> Sample:

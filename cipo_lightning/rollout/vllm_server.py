@@ -98,9 +98,18 @@ class VLLMServerEngine(RolloutEngine):
             self._own_weight_dir = True
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:
-        seeds = [None if sampling.seed is None else derived_seed(sampling.seed, p) for p in prompts]
-        with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrent_requests, len(prompts)))) as pool:
-            return list(pool.map(lambda p, s: self._complete(p, sampling, s), prompts, seeds))
+        return self.generate_many([(prompts, sampling)])[0]
+
+    def generate_many(self, requests: list[tuple[list[list[int]], SamplingSettings]]) -> list[list[list[Sample]]]:
+        """Every prompt of every request sent concurrently, so the server batches them all."""
+        jobs = [
+            (p, sampling, None if sampling.seed is None else derived_seed(sampling.seed, p))
+            for prompts, sampling in requests
+            for p in prompts
+        ]
+        with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrent_requests, len(jobs)))) as pool:
+            samples = iter(list(pool.map(lambda job: self._complete(*job), jobs)))
+        return [[next(samples) for _ in prompts] for prompts, _ in requests]
 
     def _complete(self, prompt: list[int], sampling: SamplingSettings, seed: int | None) -> list[Sample]:
         body = {
