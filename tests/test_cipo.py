@@ -253,6 +253,18 @@ def test_anchors_from_the_previous_step_share_the_base_engine_call(tiny_model, t
     assert all(step["train/anchors_correct"] + step["train/anchors_failed"] == ANCHORS for step in logged)
 
 
+def test_previous_anchors_ride_on_the_first_round_of_dynamic_sampling(tiny_model, tmp_path):
+    module, engine, _, _, _ = _fit(tiny_model, tmp_path, steps=2, anchors_from_previous_step=True,
+                                   dynamic_sampling=True, max_generation_rounds=4)  # fmt: skip
+    base, corrections = (PROMPTS, GROUP_SIZE), (ANCHORS, CORRECTION_GROUP_SIZE)
+    # Step 0: its rounds, then its own anchors' corrections; step 1: the corrections in its first round's call only.
+    step0_end = engine.engine_calls.index([corrections]) + 1
+    assert all(call == [base] for call in engine.engine_calls[: step0_end - 1])
+    first, *more = engine.engine_calls[step0_end:]
+    assert first == [base, corrections] and all(call == [base] for call in more)
+    assert (module.batches[1].streams == CORRECTION_STREAM).sum() == ANCHORS * CORRECTION_GROUP_SIZE
+
+
 def test_a_resume_corrects_the_anchors_of_the_step_before_the_checkpoint(tiny_model, tmp_path):
     module, first, _, _, _ = _fit(tiny_model, tmp_path / "first", steps=2, anchors_from_previous_step=True)
     (_, n, step1_base) = first.calls[2]  # step 0: base, corrections; step 1: base and corrections in one call
