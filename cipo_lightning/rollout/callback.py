@@ -44,7 +44,7 @@ from cipo_lightning.rollout.batch import (
     collate_groups,
 )
 from cipo_lightning.rollout.corrections import CorrectionGroup, CorrectionStream, append_jsonl, sample_table
-from cipo_lightning.rollout.engine import RolloutEngine, SamplingSettings, derived_seed
+from cipo_lightning.rollout.engine import RolloutEngine, SamplingSettings, derived_seed, regroup
 
 SAMPLE_TABLE_FILE = "correction_samples.jsonl"
 
@@ -452,13 +452,14 @@ def sample_scored_requests(
     start = time.perf_counter()
     rewards = task.score([row for row, _, samples in groups for _ in samples], texts)
     times["time/verify"] = times.get("time/verify", 0.0) + time.perf_counter() - start
-    scored, offset = [], 0
-    for row, prompt, samples in groups:
-        n = len(samples)
-        scored.append(ScoredGroup(row, prompt, samples, texts[offset : offset + n], rewards[offset : offset + n]))
-        offset += n
-    by_request = iter(scored)
-    return [[next(by_request) for _ in request.rows] for request in requests]
+    sizes = [len(samples) for _, _, samples in groups]
+    scored = [
+        ScoredGroup(row, prompt, samples, group_texts, group_rewards)
+        for (row, prompt, samples), group_texts, group_rewards in zip(
+            groups, regroup(texts, sizes), regroup(rewards, sizes), strict=True
+        )
+    ]
+    return regroup(scored, (len(request.rows) for request in requests))
 
 
 def rollout_stats(batch: RolloutBatch, correct_threshold: float = 1.0) -> StepStats:

@@ -11,9 +11,12 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,16 @@ def derived_seed(seed: int, values: Sequence[int]) -> int:
     Python's salted hash)."""
     digest = hashlib.blake2b(f"{seed}:{','.join(map(str, values))}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def regroup(items: Sequence[T], sizes: Iterable[int]) -> list[list[T]]:
+    """`items` cut into consecutive runs of `sizes` items: a flat batch (one engine call, one verifier call) back
+    into its requests or groups."""
+    runs, start = [], 0
+    for size in sizes:
+        runs.append(list(items[start : start + size]))
+        start += size
+    return runs
 
 
 @dataclass

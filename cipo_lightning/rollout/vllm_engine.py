@@ -31,7 +31,7 @@ from torch import Tensor
 
 from cipo_lightning.errors import ConfigError
 from cipo_lightning.memory import release_free_heap, return_large_blocks_to_os
-from cipo_lightning.rollout.engine import RolloutEngine, Sample, SamplingSettings, derived_seed
+from cipo_lightning.rollout.engine import RolloutEngine, Sample, SamplingSettings, derived_seed, regroup
 
 _INSTALL_HINT = (
     "install it with `pip install 'cipo_lightning[cpu]'` (CPU) or `pip install 'cipo_lightning[gpu]'` (CUDA), "
@@ -213,8 +213,8 @@ class VLLMEngine(RolloutEngine):
         # The generation's buffers, before training allocates its activations (nothing inside a CPU training run,
         # which keeps them for its next use: memory.keep_freed_blocks).
         release_free_heap()
-        samples = iter([[self._to_sample(c) for c in out.outputs] for out in outputs])
-        return [[next(samples) for _ in request_prompts] for request_prompts, _ in requests]
+        samples = [[self._to_sample(c) for c in out.outputs] for out in outputs]
+        return regroup(samples, (len(request_prompts) for request_prompts, _ in requests))
 
     @staticmethod
     def _to_sample(completion) -> Sample:

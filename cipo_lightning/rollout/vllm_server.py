@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from cipo_lightning.distributed import is_distributed, rank
-from cipo_lightning.rollout.engine import RolloutEngine, Sample, SamplingSettings, derived_seed
+from cipo_lightning.rollout.engine import RolloutEngine, Sample, SamplingSettings, derived_seed, regroup
 
 _LAUNCH_HINT = "start it with `bash scripts/vllm_server.sh MODEL` (docs/scaling.md)"
 
@@ -108,8 +108,8 @@ class VLLMServerEngine(RolloutEngine):
             for p in prompts
         ]
         with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrent_requests, len(jobs)))) as pool:
-            samples = iter(list(pool.map(lambda job: self._complete(*job), jobs)))
-        return [[next(samples) for _ in prompts] for prompts, _ in requests]
+            samples = list(pool.map(lambda job: self._complete(*job), jobs))
+        return regroup(samples, (len(prompts) for prompts, _ in requests))
 
     def _complete(self, prompt: list[int], sampling: SamplingSettings, seed: int | None) -> list[Sample]:
         body = {
