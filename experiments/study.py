@@ -381,15 +381,28 @@ def main(
     parser.add_argument("--out", type=Path, default=REPO / "runs" / name, help="run folders")
     parser.add_argument("--report-dir", type=Path, default=REPO / "docs" / name, help="JSON, table and plots")
     parser.add_argument("--fresh", action="store_true", help="delete --out first and rerun everything")
+    parser.add_argument("--variants", nargs="+", choices=list(variants), default=list(variants), metavar="NAME",
+                        help=f"run and report only these of {', '.join(variants)} (default: all)")  # fmt: skip
     args, extra = parser.parse_known_args()
     if args.steps % args.val_every:
         parser.error(f"--val-every {args.val_every} must divide --steps {args.steps} (the last step is validated)")
+    variants = {name: options for name, options in variants.items() if name in args.variants}
+    comparisons = [(a, b) for a, b in comparisons if a in variants and b in variants]
     settings = {"steps": args.steps, "val_every": args.val_every, "eval_problems": args.eval_problems,
-                "cli_options": extra, "variants": variants}  # fmt: skip
+                "cli_options": extra}  # fmt: skip
     extra = ["--data.eval_max_problems", str(args.eval_problems), *extra]
     settings_path = args.out / "settings.json"
-    if not args.fresh and settings_path.exists() and json.loads(settings_path.read_text()) != settings:
-        parser.error(f"{args.out} holds runs of other settings ({settings_path}): pass --fresh or another --out")
+    # settings.json holds the options of every variant ever run in --out: a later call may add variants, but not
+    # change the shared settings or a variant's options.
+    known: dict[str, list[str]] = {}
+    if not args.fresh and settings_path.exists():
+        recorded = json.loads(settings_path.read_text())
+        known = recorded.pop("variants", {})
+        changed = [name for name, options in variants.items() if known.get(name, options) != options]
+        if recorded != settings or changed:
+            what = f"variants {', '.join(changed)} with other options" if changed else "runs of other settings"
+            parser.error(f"{args.out} holds {what} ({settings_path}): pass --fresh or another --out")
+    settings["variants"] = known | variants
     start = time.perf_counter()
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
@@ -409,8 +422,8 @@ def main(
     paths = plot(runs, args.report_dir)
     names = ["base"] + [f"{variant}/seed{seed}" for seed in args.seeds for variant in variants]
     seconds = {name: float((args.out / name / "seconds.txt").read_text()) for name in names}
-    report = {"settings": settings | {"seeds": args.seeds}, "variants": variants, "run_seconds": seconds, "runs": runs,
-              "summary": summary}  # fmt: skip
+    report = {"settings": settings | {"variants": variants, "seeds": args.seeds}, "variants": variants,
+              "run_seconds": seconds, "runs": runs, "summary": summary}  # fmt: skip
     (args.report_dir / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     print(table)
     print(

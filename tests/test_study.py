@@ -114,6 +114,17 @@ def test_study_runs_both_algorithms_over_seeds_and_writes_the_report(tiny_model,
     other = subprocess.run([*command, "--steps", "3"], cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert other.returncode != 0 and "--fresh" in other.stderr
 
+    # --variants: a subset of the finished runs is reported alone, without a comparison it lacks a side of.
+    subset = report.parent / "cipo_only"
+    only = [*command, "--report-dir", str(subset), "--variants", "cipo"]  # the last --report-dir counts
+    alone = subprocess.run(only, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    assert alone.returncode == 0 and "0 runs done now" in alone.stdout, alone.stderr[-2000:]
+    cipo_only = json.loads((subset / "study.json").read_text())
+    assert list(cipo_only["runs"]) == ["cipo"] and "cipo minus grpo" not in cipo_only["summary"]
+    assert cipo_only["runs"]["cipo"] == study["runs"]["cipo"]
+    # The folder still records both variants' options, so a full call afterwards reuses every run.
+    assert json.loads((out / "settings.json").read_text())["variants"] == study["variants"]
+
 
 @pytest.mark.slow
 def test_ablation_runs_every_variant_with_its_settings_on_the_same_prompts(tiny_model, tmp_path):
@@ -126,10 +137,10 @@ def test_ablation_runs_every_variant_with_its_settings_on_the_same_prompts(tiny_
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "7 runs done now" in result.stdout  # the starting model, then 6 variants
+    assert "8 runs done now" in result.stdout  # the starting model, then 7 variants
 
     ablation = json.loads((report / "ablations.json").read_text())
-    variants = ["grpo", "cipo", "rho_fixed", "no_shaping", "no_band", "failed_only"]
+    variants = ["grpo", "cipo", "rho_fixed", "no_shaping", "no_band", "failed_only", "previous_anchors"]
     assert list(ablation["runs"]) == variants
     train = {variant: ablation["runs"][variant]["0"]["train"] for variant in variants}
     configs = {
@@ -143,8 +154,18 @@ def test_ablation_runs_every_variant_with_its_settings_on_the_same_prompts(tiny_
     assert all(row["train/rho"] == pytest.approx(0.3) for row in train["rho_fixed"])
     assert all(row["train/anchors_correct"] == 0 and row["train/rho"] == 0 for row in train["failed_only"])
     assert configs["no_band"]["rollout"]["anchor_band"] == [0, 1] != configs["cipo"]["rollout"]["anchor_band"]
+    # previous_anchors corrects step 0's anchors in step 1's base call: no correction call of its own after step 0.
+    assert configs["previous_anchors"]["rollout"]["anchors_from_previous_step"] is True
+    correction_seconds = {
+        variant: [m["time/correction_rollout"] for m in read_metrics(out / variant / "seed0" / "version_0").values()
+                  if "time/correction_rollout" in m]
+        for variant in ("cipo", "previous_anchors")
+    }  # fmt: skip
+    assert all(seconds > 0 for seconds in correction_seconds["cipo"])
+    assert correction_seconds["previous_anchors"][0] > 0 and correction_seconds["previous_anchors"][1] == 0
     # A seed's variants see the same prompts: their first step samples the same attempts.
     assert len({train[variant][0]["train/reward_mean"] for variant in variants}) == 1
     summary = (report / "summary.md").read_text()
-    assert "| metric | grpo | cipo | rho_fixed | no_shaping | no_band | failed_only |" in summary
+    assert "| metric | grpo | cipo | rho_fixed | no_shaping | no_band | failed_only | previous_anchors |" in summary
     assert "rho_fixed minus cipo" in summary and "cipo minus grpo" in summary
+    assert "previous_anchors minus cipo" in summary
